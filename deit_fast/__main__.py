@@ -1,0 +1,5 @@
+import sys
+
+from deit_fast.cli import main
+
+sys.exit(main())

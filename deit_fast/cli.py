@@ -1,0 +1,71 @@
+"""Command line: deit-fast train | eval | demo | bench, each with --config and dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from deit_fast.config import ConfigError, load_config
+
+BENCHMARKS = ("kernels", "step", "data", "distill")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deit-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "train a DeiT (resumes from output_dir when it can)"),
+                       ("eval", "evaluate a checkpoint on data.path/val")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="YAML recipe, e.g. configs/deit_small.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
+        if name == "eval":
+            p.add_argument("--checkpoint", required=True, help="deit-fast, timm or DeiT weights")
+    p = sub.add_parser("demo", help="train a small DeiT on scikit-learn's digits, on the CPU")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help="dotted overrides on the demo recipe")
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (arguments pass through)")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _run_benchmark(name: str, args: list[str]) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    if not script.is_file():
+        print(f"deit-fast bench {name}: {script} is missing; benchmarks ship with a source "
+              "checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            return _run_benchmark(args.name, args.args)
+        if args.command == "demo":
+            from deit_fast.demo import run_demo
+
+            summary = run_demo(args.output_dir, args.overrides)
+            print(json.dumps(summary, indent=2))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "train":
+            from deit_fast.run import train
+
+            print(json.dumps(train(cfg), indent=2))
+        else:
+            from deit_fast.run import evaluate_checkpoint
+
+            print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=2))
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"deit-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The one place that decides which implementation of attention, LayerNorm and GELU runs.
+
+`resolve_kernels` turns the config's wishes (auto | triton | sdpa | eager ...) into a
+concrete `KernelChoice` for a device, or stops with a clear message when the wish cannot
+run there. The model calls `attention`, `layer_norm` and `bias_gelu` below with that
+choice; it never imports a kernel itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION = ("triton", "sdpa", "eager")
+LAYERNORM = ("triton", "torch", "apex")
+GELU = ("triton", "torch")
+
+
+class KernelUnavailable(RuntimeError):
+    """A requested kernel implementation cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    attention: str = "sdpa"
+    layernorm: str = "torch"
+    gelu: str = "torch"
+
+    def __post_init__(self) -> None:
+        for name, accepted in (("attention", ATTENTION), ("layernorm", LAYERNORM),
+                               ("gelu", GELU)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"kernels.{name}: {getattr(self, name)!r} is not one of "
+                                 f"{', '.join(accepted)}")
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    """None when Triton kernels can run for tensors on `device`, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"Triton kernels need a CUDA device (this run uses {device.type}); set "
+            "TRITON_INTERPRET=1 to run them, slowly, in the interpreter")
+
+
+def resolve_kernels(attention: str = "auto", layernorm: str = "auto", gelu: str = "auto",
+                    device: torch.device | str = "cpu") -> KernelChoice:
+    """`auto` is Triton on CUDA and torch elsewhere; an impossible wish raises KernelUnavailable."""
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    wishes = {
+        "attention": attention if attention != "auto" else ("triton" if on_cuda else "sdpa"),
+        "layernorm": layernorm if layernorm != "auto" else ("triton" if on_cuda else "torch"),
+        "gelu": gelu if gelu != "auto" else ("triton" if on_cuda else "torch"),
+    }
+    for name, impl in wishes.items():
+        if impl == "triton":
+            reason = _triton_reason(device)
+            if reason is not None:
+                raise KernelUnavailable(f"kernels.{name}=triton cannot run: {reason}. "
+                                        f"Use kernels.{name}=auto or a torch implementation.")
+    if wishes["layernorm"] == "apex" and importlib.util.find_spec("apex") is None:
+        raise KernelUnavailable("kernels.layernorm=apex cannot run: apex is not installed. "
+                                "Use kernels.layernorm=auto, triton or torch.")
+    return KernelChoice(**wishes)
+
+
+def attention(qkv: Tensor, num_heads: int, impl: str, scale: float | None = None) -> Tensor:
+    """Packed qkv [B, N, 3*H*D] (timm's column layout) -> [B, N, H*D]."""
+    if impl == "triton":
+        import kernels
+
+        return kernels.attention(qkv, num_heads, scale)
+    batch, tokens, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        scores = (q * (scale if scale is not None else head_dim**-0.5)) @ k.transpose(-2, -1)
+        out = scores.softmax(dim=-1) @ v
+    return out.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tensor | None,
+               impl: str) -> tuple[Tensor, Tensor]:
+    """s = x + residual (the new residual stream) and y = LayerNorm(s); returns (y, s)."""
+    if impl == "triton":
+        import kernels
+
+        return kernels.layer_norm(x, weight, bias, eps, residual)
+    s = x if residual is None else x + residual
+    if impl == "apex":
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+
+        return fused_layer_norm_affine(s, weight, bias, weight.shape, eps), s
+    return F.layer_norm(s, weight.shape, weight, bias, eps), s
+
+
+def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
+    """gelu(x @ weight.T + bias), exact erf GELU; Triton adds the bias inside the GELU kernel."""
+    if impl == "triton":
+        import kernels
+
+        return kernels.bias_gelu(F.linear(x, weight), bias)
+    return F.gelu(F.linear(x, weight, bias))

@@ -1,0 +1,53 @@
+"""AdamW with the DeiT parameter groups, and the warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from deit_fast.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norm weights, tokens and the position embedding."""
+    skip = getattr(model, "no_weight_decay", lambda: set())()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The paper's rule: lr * global batch / 512."""
+    return cfg.lr * global_batch / 512 if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
+                    device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas,
+                             eps=cfg.eps, fused=fused, foreach=None if fused else True)
+
+
+class CosineSchedule:
+    """Per-step: linear warm-up from warmup_lr to lr, then cosine from lr down to min_lr."""
+
+    def __init__(self, lr: float, min_lr: float, warmup_lr: float, warmup_steps: int,
+                 total_steps: int) -> None:
+        self.lr, self.min_lr, self.warmup_lr = lr, min_lr, warmup_lr
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
