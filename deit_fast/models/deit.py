@@ -99,7 +99,7 @@ class DeiT(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(
             torch.zeros(1, self.grid**2 + self.num_prefix_tokens, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear in depth
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)

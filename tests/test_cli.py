@@ -1,0 +1,50 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from deit_fast.cli import main
+from deit_fast.models import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_unknown_key_stops_before_any_work(capsys, tmp_path):
+    code = main(["train", "--config", str(REPO / "configs" / "deit_tiny.yaml"), "optim.lrr=1",
+                 f"train.output_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_missing_and_foreign_checkpoints(capsys, tmp_path):
+    from tests.test_train import write_tiny_imagefolder
+
+    write_tiny_imagefolder(tmp_path / "data")
+    common = ["model.name=deit_micro_patch4_32", f"data.path={tmp_path / 'data'}",
+              "data.num_workers=0"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope.pt"), *common]) == 2
+    assert "nope.pt' does not exist" in capsys.readouterr().err
+    foreign = tmp_path / "tiny.pt"
+    torch.save(create_model("deit_tiny_patch16_224", depth=1).state_dict(), foreign)
+    assert main(["eval", "--checkpoint", str(foreign), *common]) == 2
+    assert "checkpoint does not fit: tensor 'cls_token'" in capsys.readouterr().err
+
+
+def test_eval_of_a_checkpoint_reports_accuracy(capsys, tmp_path):
+    from tests.test_train import write_tiny_imagefolder
+
+    write_tiny_imagefolder(tmp_path / "data")
+    path = tmp_path / "micro.pt"
+    torch.save({"model": create_model("deit_micro_patch4_32", num_classes=3).state_dict()}, path)
+    assert main(["eval", "--checkpoint", str(path), "model.name=deit_micro_patch4_32",
+                 f"data.path={tmp_path / 'data'}", "data.num_workers=0"]) == 0
+    assert '"top1"' in capsys.readouterr().out
+
+
+def test_module_entry_point_prints_help():
+    out = subprocess.run([sys.executable, "-m", "deit_fast", "--help"], capture_output=True,
+                         text=True, check=True, cwd=REPO).stdout
+    for command in ("train", "eval", "demo", "bench"):
+        assert command in out
