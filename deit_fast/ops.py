@@ -9,7 +9,6 @@ choice; it never imports a kernel itself.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +42,10 @@ def _triton_reason(device: torch.device) -> str | None:
     """None when Triton kernels can run for tensors on `device`, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return (f"Triton kernels need a CUDA device (this run uses {device.type}); set "
-            "TRITON_INTERPRET=1 to run them, slowly, in the interpreter")
+    import kernels
+
+    runnable, reason = kernels.triton_runnable(device)
+    return None if runnable else reason
 
 
 def resolve_kernels(attention: str = "auto", layernorm: str = "auto", gelu: str = "auto",

@@ -146,7 +146,8 @@ def test_run_directory_holds_config_metrics_curves_checkpoints(tmp_path):
     summary = train(tiny_config(data, out, "train.epochs=2"))
     assert {"top1", "top5", "ema_top1", "ema_top5"} <= set(summary)
     assert (out / "config.yaml").is_file() and (out / "curves.png").is_file()
-    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file()
+    assert (out / "checkpoints" / "best.pt").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train_rows = [r for r in records if "loss" in r]

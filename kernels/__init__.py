@@ -1,0 +1,44 @@
+"""Triton kernels of deit-fast, each registered as a `deit_fast::` torch.library op.
+
+Each op has a plain torch reference with the same contract; the tests hold them equal.
+"""
+
+import os
+
+import torch
+
+# The ops below shadow their modules' names (kernels.attention is the function), so the
+# attention module, which triton_runnable asks, is bound first under another name.
+from kernels import attention as _attention_module
+from kernels.attention import attention, attention_reference
+from kernels.bias_gelu import bias_gelu, bias_gelu_reference
+from kernels.layer_norm import layer_norm, layer_norm_reference
+
+__all__ = [
+    "attention",
+    "attention_reference",
+    "bias_gelu",
+    "bias_gelu_reference",
+    "layer_norm",
+    "layer_norm_reference",
+    "triton_runnable",
+]
+
+
+def triton_runnable(device: torch.device | str) -> tuple[bool, str]:
+    """(True, "") if the kernels can run on tensors on `device`, else (False, why not)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_available():
+            return True, ""
+        return False, "Triton kernels need a CUDA GPU, and torch.cuda.is_available() is False"
+    if device.type == "cpu":
+        # triton decides at decoration time, so what counts is how the kernels were built.
+        if _attention_module._INTERPRETED:
+            return True, ""
+        return False, (
+            "Triton kernels run on CPU tensors only under the Triton interpreter: set "
+            f"TRITON_INTERPRET=1 before triton is first imported (it is "
+            f"{os.environ.get('TRITON_INTERPRET', 'unset')!r})"
+        )
+    return False, f"Triton kernels run on cuda devices (or cpu when interpreted), not {device}"
