@@ -1,0 +1,35 @@
+"""Everything between image files on disk and a training batch on the device.
+
+DatasetIndex -> RepeatedAugSampler (which (sample, repeat) pairs, per rank and step) ->
+AugmentationPlan (every random decision of a view, keyed by (seed, view, sample)) ->
+a loader backend (DALI or torch) that applies the plan -> Mixup on the device.
+"""
+
+from data_pipeline.check import check_dataset
+from data_pipeline.dataset import BadImageError, DatasetIndex
+from data_pipeline.loader import TrainBatch, build_train_loader, build_val_loader
+from data_pipeline.mixup import Mixup
+from data_pipeline.plan import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    AugmentationPlan,
+    PlanParams,
+    ViewDecisions,
+)
+from data_pipeline.sampler import RepeatedAugSampler
+
+__all__ = [
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "AugmentationPlan",
+    "BadImageError",
+    "DatasetIndex",
+    "Mixup",
+    "PlanParams",
+    "RepeatedAugSampler",
+    "TrainBatch",
+    "ViewDecisions",
+    "build_train_loader",
+    "build_val_loader",
+    "check_dataset",
+]

@@ -1,0 +1,502 @@
+"""DALI pipelines: the plan applied by one graph that runs on the GPU or, for tests, the CPU.
+
+Train: parallel `external_source` workers read file bytes, parse the header for the image
+size, draw the plan for the batch (vectorised) and feed it -> ROI decode
+(`decoders.image_slice`, device "mixed" on a GPU) -> cubic resize -> flip -> RandAugment
+(`auto_aug.core.select` on the plan's op indices) -> normalize -> erase. DALI's erase
+fills constants only, so the plan's noise is fed as a box and padded into place with
+`slice`. Val: decode -> resize (sizes from the header, as torchvision computes them) ->
+centre crop -> normalize.
+
+Unreadable files are found by the header parse in the workers and replaced exactly as the
+torch loader does. A file whose header parses but whose body DALI cannot decode is named
+by a full PIL decode of the failing batch; the pipeline is then rebuilt at that step with
+the file marked bad, so a run loses nothing but that image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug.core import select
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from PIL import Image
+
+from data_pipeline.dali_augment import dali_params, rand_augment_ops
+from data_pipeline.dataset import (
+    BadImageError,
+    DatasetIndex,
+    probe_image,
+    read_or_replace,
+    read_rgb,
+)
+from data_pipeline.plan import AugmentationPlan, replacement_sample
+from data_pipeline.sampler import RepeatedAugSampler
+
+_SOURCE_OUTPUTS = (
+    "encoded",
+    "crop_anchor",
+    "crop_shape",
+    "flip",
+    "ra_op",
+    "ra_param",
+    "erased",
+    "erase_box",
+    "noise",
+    "labels",
+    "samples",
+    "repeats",
+    "views",
+    "requested",
+    "replaced",
+)
+_LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
+_TRAIN_OUTPUTS = ("images", "labels", "samples", "repeats", "views", "requested", "replaced")
+
+
+def _placeholder_jpeg() -> np.ndarray:
+    """A valid 8x8 JPEG that stands in for a dropped validation file (masked out later)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+def _read_probe(path: str, known_bad: frozenset[str]) -> tuple[np.ndarray, int, int]:
+    if path in known_bad:
+        raise BadImageError(f"cannot decode image {path}: DALI failed to decode it")
+    data = np.fromfile(path, dtype=np.uint8)
+    height, width = probe_image(data.tobytes(), path)
+    return data, height, width
+
+
+def _mark_undecodable(
+    paths: list[str], known_bad: set[str], on_bad_image: str, error: Exception
+) -> None:
+    """After DALI failed on a batch: find the file with PIL and mark it, or re-raise."""
+    bad = []
+    for path in paths:
+        try:
+            read_rgb(path)
+        except BadImageError:
+            bad.append(path)
+    if not bad:
+        raise error
+    if on_bad_image == "error":
+        raise BadImageError(f"cannot decode image {bad[0]}: DALI's decoder failed on it") from error
+    known_bad.update(bad)
+
+
+def _warn_skipped(paths: list[str]) -> int:
+    for path in paths:
+        warnings.warn(f"skipped unreadable image (on_bad_image='skip'): {path}", stacklevel=4)
+    return len(paths)
+
+
+# ---------------------------------------------------------------- sources (worker side)
+
+
+class TrainSource:
+    """Batch callback: (epoch, iteration) -> file bytes and the plan of one rank's batch."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        plan: AugmentationPlan,
+        sampler: RepeatedAugSampler,
+        start_epoch: int,
+        start_item: int,
+        num_views: int | None,
+        on_bad_image: str,
+        known_bad: frozenset[str],
+    ) -> None:
+        self.paths, self.labels, self.plan, self.sampler = index.paths, index.labels, plan, sampler
+        self.start_epoch, self.start_item, self.num_views = start_epoch, start_item, num_views
+        self.on_bad_image, self.known_bad = on_bad_image, known_bad
+        skipped = () if plan.params.rand_augment_config else ("ra_op", "ra_param")
+        self.outputs = [name for name in _SOURCE_OUTPUTS if name not in skipped]
+
+    def _read(self, view: int, sample: int) -> tuple[np.ndarray, int, int, int, int]:
+        """(bytes, height, width, sample read, unreadable files skipped before it)."""
+        n, seed = len(self.paths), self.plan.seed
+        replacement = lambda attempt: replacement_sample(seed, view, sample, attempt, n)
+        read = lambda path: _read_probe(path, self.known_bad)
+        (data, height, width), shown, errors = read_or_replace(
+            read, self.paths, sample, replacement, self.on_bad_image
+        )
+        return data, height, width, shown, len(errors)
+
+    def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
+        epoch = self.start_epoch + info.epoch_idx
+        start = self.start_item if info.epoch_idx == 0 else 0
+        if info.iteration >= self.sampler.num_steps(start_item=start):
+            raise StopIteration
+        first = start + info.iteration * self.sampler.items_per_step
+        requested, repeats = self.sampler.batch_at(epoch, first)
+        views = epoch * self.sampler.repeats + repeats
+        if self.num_views:
+            views %= self.num_views
+        data, heights, widths, samples, replaced = zip(
+            *(self._read(v, s) for v, s in zip(views.tolist(), requested.tolist()))
+        )
+        samples = np.asarray(samples, np.int64)
+        d = self.plan.draw(views, samples, heights, widths)
+        top, left, h, w = d.crop.T.astype(np.int32)
+        ra_param = dali_params(d.ra_op, d.ra_param)
+        noise = [  # (3, 1, 1) stands in where there is no box: every sample needs a tensor
+            self.plan.erase_noise(int(views[i]), int(samples[i]), eh, ew)
+            if eh
+            else np.zeros((3, 1, 1), np.float32)
+            for i, (_, _, eh, ew) in enumerate(d.erase.tolist())
+        ]
+        scalar = lambda a, dtype: [np.asarray(v, dtype) for v in a]
+        fields = {
+            "encoded": list(data),
+            "crop_anchor": [np.array(a, np.int32) for a in zip(left, top)],  # (x, y) order
+            "crop_shape": [np.array(s, np.int32) for s in zip(w, h)],
+            "flip": scalar(d.flip, np.int32),
+            "ra_op": list(d.ra_op.astype(np.int32)),
+            "ra_param": list(ra_param),
+            "erased": scalar(d.erase[:, 2] > 0, bool),
+            "erase_box": list(d.erase.astype(np.float32)),
+            "noise": noise,
+            "labels": scalar(self.labels[samples], np.int64),
+            "samples": scalar(samples, np.int64),
+            "repeats": scalar(repeats, np.int64),
+            "views": scalar(views, np.int64),
+            "requested": scalar(requested, np.int64),
+            "replaced": scalar(replaced, np.int32),
+        }
+        return tuple(fields[name] for name in self.outputs)
+
+
+class ValSource:
+    """Batch callback for one rank's validation shard: bytes, resize size and crop anchor."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        indices: list[int],
+        batch_size: int,
+        image_size: int,
+        crop_pct: float,
+        on_bad_image: str,
+        known_bad: frozenset[str],
+    ) -> None:
+        self.paths, self.labels, self.indices = index.paths, index.labels, indices
+        self.batch_size, self.size, self.on_bad_image = batch_size, image_size, on_bad_image
+        self.resize, self.known_bad = int(image_size / crop_pct), known_bad
+
+    def batch_indices(self, step: int) -> list[int]:
+        return self.indices[step * self.batch_size : (step + 1) * self.batch_size]
+
+    def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
+        picks = self.batch_indices(info.iteration)
+        if not picks:
+            raise StopIteration
+        rows = []
+        for i in picks:
+            try:
+                data, height, width = _read_probe(self.paths[i], self.known_bad)
+                valid = 1
+            except BadImageError:
+                if self.on_bad_image == "error":
+                    raise
+                data, height, width, valid = _placeholder_jpeg(), 8, 8, 0
+            short, long = sorted((height, width))  # torchvision: the long side is truncated
+            scaled = (self.resize, int(self.resize * long / short))
+            new_h, new_w = scaled if height <= width else scaled[::-1]
+            crop = (round((new_h - self.size) / 2), round((new_w - self.size) / 2))
+            rows.append(
+                (
+                    data,
+                    np.array([new_h, new_w], np.float32),
+                    np.array(crop, np.float32),
+                    np.asarray(self.labels[i], np.int64),
+                    np.asarray(valid, np.int32),
+                )
+            )
+        return tuple(list(column) for column in zip(*rows))
+
+
+# ---------------------------------------------------------------- graphs
+
+
+def _decoder_device(on_gpu: bool) -> str:
+    return "mixed" if on_gpu else "cpu"
+
+
+@pipeline_def(enable_conditionals=True)
+def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std, on_gpu: bool):
+    nodes = fn.external_source(
+        source,
+        num_outputs=len(source.outputs),
+        batch=True,
+        batch_info=True,
+        parallel=True,
+        layout=["CHW" if n == "noise" else None for n in source.outputs],
+    )
+    x = dict(zip(source.outputs, nodes))
+    images = fn.decoders.image_slice(
+        x["encoded"],
+        x["crop_anchor"],
+        x["crop_shape"],
+        device=_decoder_device(on_gpu),
+        output_type=types.RGB,
+        adjust_orientation=False,
+    )
+    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.flip(images, horizontal=x["flip"])
+    ops = rand_augment_ops(size, fill)
+    for layer in range(num_layers):
+        images = select(ops, x["ra_op"][layer], images, param=x["ra_param"][layer])
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * m for m in mean],
+        std=[255 * s for s in std],
+    )
+    if x["erased"]:  # a conditional: only the erased quarter of the batch pays for the box
+        box = x["erase_box"]
+        images = fn.erase(images, anchor=box[0:2], shape=box[2:4], axis_names="HW", fill_value=0.0)
+        noise = fn.slice(
+            x["noise"],
+            -box[0:2],
+            types.Constant(np.array([size, size], np.float32)),
+            axis_names="HW",
+            out_of_bounds_policy="pad",
+            normalized_anchor=False,
+            normalized_shape=False,
+        )
+        images = images + (noise.gpu() if on_gpu else noise)
+    return (images, *(x[name] for name in _TRAIN_OUTPUTS[1:]))
+
+
+@pipeline_def
+def val_graph(source: ValSource, size: int, mean, std, on_gpu: bool):
+    encoded, resize, crop, labels, valid = fn.external_source(
+        source, num_outputs=5, batch=True, batch_info=True, parallel=True
+    )
+    images = fn.decoders.image(
+        encoded, device=_decoder_device(on_gpu), output_type=types.RGB, adjust_orientation=False
+    )
+    images = fn.resize(
+        images,
+        resize_y=resize[0],
+        resize_x=resize[1],
+        interp_type=types.INTERP_CUBIC,
+        antialias=True,
+    )
+    images = fn.slice(
+        images,
+        crop,
+        types.Constant(np.array([size, size], np.float32)),
+        axis_names="HW",
+        normalized_anchor=False,
+        normalized_shape=False,
+    )
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * m for m in mean],
+        std=[255 * s for s in std],
+    )
+    return images, labels, valid
+
+
+# ---------------------------------------------------------------- loaders (main process)
+
+
+def _pipeline_args(device: torch.device, batch_size: int, num_workers: int) -> dict:
+    device_id = None
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+    # DALI's forked workers cannot live with an initialised CUDA context in the parent
+    forked = not (torch.cuda.is_available() and torch.cuda.is_initialized())
+    # the Python source (read, header, plan) is most of the CPU work when the GPU decodes,
+    # about a tenth when the CPU does; DALI's own threads take the rest
+    python_workers = num_workers if device_id is not None else num_workers // 2
+    return {
+        "batch_size": batch_size,
+        "num_threads": max(1, num_workers),
+        "device_id": device_id,
+        "on_gpu": device_id is not None,
+        "py_num_workers": max(1, python_workers),
+        "py_start_method": "fork" if forked else "spawn",
+    }
+
+
+class DaliTrainLoader:
+    """Training batches for one rank from the DALI graph; same interface as TorchTrainLoader."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        plan: AugmentationPlan,
+        sampler: RepeatedAugSampler,
+        num_workers: int,
+        device: torch.device,
+        on_bad_image: str,
+        num_views: int | None,
+        batch_type: type,
+    ) -> None:
+        self.index, self.plan, self.sampler, self.device = index, plan, sampler, device
+        self.num_workers, self.on_bad_image, self.num_views = num_workers, on_bad_image, num_views
+        self.batch_type, self.bad_images = batch_type, 0
+        self._known_bad: set[str] = set()
+        self._iterator: DALIGenericIterator | None = None
+        self._next_epoch: int | None = None  # the epoch the running pipeline will produce next
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def _source(self, epoch: int, first_item: int) -> TrainSource:
+        return TrainSource(
+            self.index,
+            self.plan,
+            self.sampler,
+            epoch,
+            first_item,
+            self.num_views,
+            self.on_bad_image,
+            frozenset(self._known_bad),
+        )
+
+    def _start(self, epoch: int, first_item: int) -> None:
+        p = self.plan.params
+        ra = p.rand_augment_config
+        pipe = train_graph(
+            self._source(epoch, first_item),
+            p.image_size,
+            ra.num_layers if ra else 0,
+            p.fill,
+            p.mean,
+            p.std,
+            **_pipeline_args(self.device, self.sampler.batch_size, self.num_workers),
+        )
+        pipe.build()
+        self._iterator = DALIGenericIterator([pipe], list(_TRAIN_OUTPUTS), auto_reset=True)
+
+    def _report_replaced(self, out: dict) -> None:
+        """Name every unreadable file behind a replaced sample (replacements are pure)."""
+        n, seed = len(self.index), self.plan.seed
+        for view, sample, count in zip(
+            out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
+        ):
+            chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
+            self.bad_images += _warn_skipped([self.index.paths[s] for s in chain[:count]])
+
+    def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
+        """Files of the batches DALI may have in flight from first_item on."""
+        source, paths = self._source(epoch, first_item), []
+        for iteration in range(_LOOKAHEAD):
+            try:
+                outputs = dict(zip(source.outputs, source(types.BatchInfo(iteration, 0))))
+            except StopIteration:
+                break
+            paths += [self.index.paths[int(s)] for s in outputs["samples"]]
+        return paths
+
+    def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
+        item = self.sampler.start_item(start_step, start_item)
+        if self._iterator is None or item != 0 or self._next_epoch != epoch:
+            self._start(epoch, item)
+        self._next_epoch = None
+        while True:
+            try:
+                out = next(self._iterator)[0]
+            except StopIteration:
+                break
+            except RuntimeError as error:
+                paths = self._shown_paths(epoch, item)
+                _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
+                self._start(epoch, item)  # the same batches again, the bad files now replaced
+                continue
+            self._report_replaced(out)
+            item += self.sampler.items_per_step
+            yield self.batch_type(
+                images=out["images"].to(self.device, non_blocking=True),
+                **{
+                    k: out[k].to(self.device, non_blocking=True).view(-1)
+                    for k in ("labels", "samples", "repeats", "views")
+                },
+            )
+        self._next_epoch = epoch + 1
+
+
+class DaliValLoader:
+    """Each sample once over all ranks (rank r takes r, r + W, ...); bad files are dropped."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        image_size: int,
+        crop_pct: float,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        device: torch.device,
+        on_bad_image: str,
+        mean,
+        std,
+    ) -> None:
+        self.index, self.device, self.on_bad_image, self.bad_images = index, device, on_bad_image, 0
+        self._mine = list(range(rank, len(index), world_size))
+        self._args = (image_size, crop_pct, batch_size, mean, std, num_workers)
+        self._known_bad: set[str] = set()
+
+    def __len__(self) -> int:
+        return -(-len(self._mine) // self._args[2])
+
+    def _start(self, first_step: int) -> tuple[ValSource, DALIGenericIterator]:
+        image_size, crop_pct, batch_size, mean, std, num_workers = self._args
+        skipped = self._mine[first_step * batch_size :]
+        source = ValSource(
+            self.index,
+            skipped,
+            batch_size,
+            image_size,
+            crop_pct,
+            self.on_bad_image,
+            frozenset(self._known_bad),
+        )
+        pipe = val_graph(
+            source, image_size, mean, std, **_pipeline_args(self.device, batch_size, num_workers)
+        )
+        pipe.build()
+        return source, DALIGenericIterator([pipe], ["images", "labels", "valid"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = 0
+        source, iterator = self._start(step)
+        while True:
+            try:
+                out = next(iterator)[0]
+            except StopIteration:
+                break
+            except RuntimeError as error:
+                picks = [i for k in range(_LOOKAHEAD) for i in source.batch_indices(k)]
+                paths = [self.index.paths[i] for i in picks]
+                _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
+                source, iterator = self._start(step)  # the same batches, the bad files dropped
+                continue
+            valid = out["valid"].view(-1).bool()
+            picks = self._mine[step * self._args[2] : (step + 1) * self._args[2]]
+            self.bad_images += _warn_skipped(
+                [self.index.paths[picks[i]] for i in np.flatnonzero(~valid.numpy())]
+            )
+            step += 1
+            if valid.any():
+                keep = valid.to(out["images"].device)
+                yield (
+                    out["images"][keep].to(self.device, non_blocking=True),
+                    out["labels"].view(-1)[valid].to(self.device, non_blocking=True),
+                )

@@ -1,0 +1,220 @@
+"""The torch fallback loader: torch.utils.data workers applying the plan with PIL/torchvision.
+
+Workers receive whole batches of keys (`__getitems__`), so the plan is drawn vectorised
+once per batch; every random value comes from the keys, so the output is identical for
+any number of workers. Unreadable files are replaced deterministically (see
+plan.replacement_sample) and reported back with the batch, so the main process can count
+and name them whatever worker met them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+
+from data_pipeline.dataset import BadImageError, DatasetIndex, read_or_replace, read_rgb
+from data_pipeline.pil_augment import augment_pil
+from data_pipeline.plan import AugmentationPlan, replacement_sample
+from data_pipeline.sampler import RepeatedAugSampler
+
+
+def _batch_as_is(batch):
+    return batch
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 normalized."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255
+    return (images.float() - mean_t) / std_t
+
+
+class TrainViews(Dataset):
+    """Map-style dataset whose items are batches of (view, sample, repeat) keys."""
+
+    def __init__(self, index: DatasetIndex, plan: AugmentationPlan, on_bad_image: str) -> None:
+        self.paths, self.labels = index.paths, index.labels
+        self.plan, self.on_bad_image = plan, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, view: int, sample: int, bad: list[str]) -> tuple[Image.Image, int]:
+        n, seed = len(self.paths), self.plan.seed
+        replacement = lambda attempt: replacement_sample(seed, view, sample, attempt, n)
+        img, shown, errors = read_or_replace(
+            read_rgb, self.paths, sample, replacement, self.on_bad_image
+        )
+        bad.extend(errors)
+        return img, shown
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict:
+        bad: list[str] = []
+        views = np.array([k[0] for k in keys], np.int64)
+        images, samples = zip(*(self._read(v, s, bad) for v, s, _ in keys))
+        samples = np.array(samples, np.int64)
+        widths, heights = zip(*(img.size for img in images))
+        d = self.plan.draw(views, samples, heights, widths)
+        p = self.plan.params
+        out = torch.empty(len(keys), 3, p.image_size, p.image_size)
+        for i, img in enumerate(images):
+            pixels = augment_pil(
+                img, d.crop[i], d.flip[i], d.ra_op[i], d.ra_param[i], p.image_size, p.fill
+            )
+            out[i] = normalize(pixels, p.mean, p.std)
+            top, left, h, w = d.erase[i].tolist()
+            if h:
+                noise = self.plan.erase_noise(int(views[i]), int(samples[i]), h, w)
+                out[i, :, top : top + h, left : left + w] = torch.from_numpy(noise)
+        return {
+            "images": out,
+            "labels": torch.from_numpy(self.labels[samples]),
+            "samples": torch.from_numpy(samples),
+            "repeats": torch.tensor([k[2] for k in keys], dtype=torch.int64),
+            "views": torch.from_numpy(views),
+            "bad": bad,
+        }
+
+
+class _EpochKeys:
+    """The batch sampler: the keys of the current epoch's batches, set before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _warn_bad(messages: list[str], on_bad_image: str) -> int:
+    for message in messages:
+        warnings.warn(f"skipped unreadable image ({on_bad_image=}): {message}", stacklevel=3)
+    return len(messages)
+
+
+class TorchTrainLoader:
+    """Training batches for one rank; `epoch(e, start_step)` yields `TrainBatch`es."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        plan: AugmentationPlan,
+        sampler: RepeatedAugSampler,
+        num_workers: int,
+        device: torch.device,
+        on_bad_image: str,
+        num_views: int | None,
+        batch_type: type,
+    ) -> None:
+        self.plan, self.sampler, self.device = plan, sampler, device
+        self.on_bad_image, self.num_views, self.batch_type = on_bad_image, num_views, batch_type
+        self.bad_images = 0
+        self._keys = _EpochKeys()
+        self._loader = DataLoader(
+            TrainViews(index, plan, on_bad_image),
+            batch_sampler=self._keys,
+            num_workers=num_workers,
+            collate_fn=_batch_as_is,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator(),  # iterating must not draw from the global RNG
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
+        r = self.sampler.repeats
+        self._keys.batches = []
+        for samples, repeats in self.sampler.batches(epoch, start_step, start_item):
+            views = epoch * r + repeats
+            if self.num_views:
+                views %= self.num_views
+            self._keys.batches.append(list(zip(views.tolist(), samples.tolist(), repeats.tolist())))
+        for out in self._loader:
+            self.bad_images += _warn_bad(out.pop("bad"), self.on_bad_image)
+            yield self.batch_type(
+                **{k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+            )
+
+
+class ValImages(Dataset):
+    """Resize the shorter side to size / crop_pct (bicubic), centre crop, normalize."""
+
+    def __init__(
+        self, index: DatasetIndex, image_size: int, crop_pct: float, mean, std, on_bad_image: str
+    ) -> None:
+        self.paths, self.labels = index.paths, index.labels
+        self.size, self.resize = image_size, int(image_size / crop_pct)
+        self.mean, self.std, self.on_bad_image = mean, std, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        images, kept, bad = [], [], []
+        for i in indices:
+            try:
+                img = read_rgb(self.paths[i])
+            except BadImageError as e:
+                if self.on_bad_image == "error":
+                    raise
+                bad.append(str(e))
+                continue
+            img = F.resize(img, self.resize, InterpolationMode.BICUBIC)
+            images.append(F.pil_to_tensor(F.center_crop(img, self.size)))
+            kept.append(i)
+        pixels = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size)
+        return {
+            "images": normalize(pixels, self.mean, self.std),
+            "labels": torch.from_numpy(self.labels[kept]),
+            "bad": bad,
+        }
+
+
+class TorchValLoader:
+    """Each sample once over all ranks (rank r takes r, r + W, ...); bad files are dropped."""
+
+    def __init__(
+        self,
+        dataset: ValImages,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        device: torch.device,
+    ) -> None:
+        mine = list(range(rank, len(dataset), world_size))
+        self._batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        self.device, self.on_bad_image, self.bad_images = device, dataset.on_bad_image, 0
+        self._loader = DataLoader(
+            dataset,
+            batch_sampler=self._batches,
+            num_workers=num_workers,
+            collate_fn=_batch_as_is,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # iterating must not draw from the global RNG
+        )
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for out in self._loader:
+            self.bad_images += _warn_bad(out["bad"], self.on_bad_image)
+            if len(out["labels"]):
+                yield (
+                    out["images"].to(self.device, non_blocking=True),
+                    out["labels"].to(self.device, non_blocking=True),
+                )

@@ -1,0 +1,111 @@
+"""Dataset index, fingerprint, and `check_dataset` on every kind of bad input."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import DatasetIndex, check_dataset
+
+
+def _jpeg(path, size=(40, 30), mode="RGB", seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, quality=90)
+
+
+def _tree(root, counts):
+    for split, per_class in counts.items():
+        for c, n in enumerate(per_class):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                _jpeg(folder / f"{i}.jpg", seed=i)
+
+
+def test_folder_index_sorted_classes_labels_and_fingerprint(tmp_path):
+    _tree(tmp_path, {"train": [3, 2, 4]})
+    (tmp_path / "train" / "c1" / "notes.txt").write_text("not an image")
+    index = DatasetIndex.from_folder(str(tmp_path), "train")
+    assert index.classes == ["c0", "c1", "c2"] and len(index) == 9
+    assert index.labels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert all(os.path.isfile(p) for p in index.paths)
+    fingerprint = index.fingerprint
+    assert DatasetIndex.from_folder(str(tmp_path), "train").fingerprint == fingerprint
+    with open(tmp_path / "train" / "c2" / "0.jpg", "ab") as f:  # one file changes size
+        f.write(b"\0")
+    assert DatasetIndex.from_folder(str(tmp_path), "train").fingerprint != fingerprint
+
+
+def test_file_list_index_with_numbers_and_names(tmp_path):
+    _tree(tmp_path, {"train": [2, 2]})
+    (tmp_path / "list.txt").write_text("train/c0/0.jpg\t4\ntrain/c1/1.jpg\t2\n\n")
+    index = DatasetIndex.from_file_list(str(tmp_path / "list.txt"), str(tmp_path))
+    assert index.labels.tolist() == [4, 2] and len(index.classes) == 5
+    (tmp_path / "named.txt").write_text("train/c0/0.jpg\tdog\ntrain/c1/1.jpg\tcat\n")
+    named = DatasetIndex.from_file_list(str(tmp_path / "named.txt"), str(tmp_path))
+    assert named.classes == ["cat", "dog"] and named.labels.tolist() == [1, 0]
+    # the same files and labels give the same fingerprint, whichever format listed them
+    (tmp_path / "order.txt").write_text("train/c1/1.jpg\t1\ntrain/c0/0.jpg\t0\n")
+    listed = DatasetIndex.from_file_list(str(tmp_path / "order.txt"), str(tmp_path))
+    (tmp_path / "again.txt").write_text("train/c0/0.jpg\t0\ntrain/c1/1.jpg\t1\n")
+    again = DatasetIndex.from_file_list(str(tmp_path / "again.txt"), str(tmp_path))
+    assert listed.fingerprint == again.fingerprint
+
+
+def test_missing_and_empty_inputs_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"split folder not found: {tmp_path}/train"):
+        DatasetIndex.from_folder(str(tmp_path), "train")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match=f"no class folders in {tmp_path}/train"):
+        DatasetIndex.from_folder(str(tmp_path), "train")
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"class folder has no images: {tmp_path}/train/empty"):
+        DatasetIndex.from_folder(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match="file list not found: .*nope.txt"):
+        DatasetIndex.from_file_list(str(tmp_path / "nope.txt"), str(tmp_path))
+    (tmp_path / "list.txt").write_text("a/b.jpg\t0\n")
+    with pytest.raises(FileNotFoundError, match="listed image not found: .*a/b.jpg"):
+        DatasetIndex.from_file_list(str(tmp_path / "list.txt"), str(tmp_path))
+    (tmp_path / "bad.txt").write_text("a/b.jpg 0\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: expected 'path<TAB>label'"):
+        DatasetIndex.from_file_list(str(tmp_path / "bad.txt"), str(tmp_path))
+
+
+def _write_bad_inputs(folder):
+    """Every kind of input from DESIGN's 'Bad input'; returns {name: readable?}."""
+    folder.mkdir(parents=True)
+    _jpeg(folder / "good.jpg")
+    _jpeg(folder / "cmyk.jpg", mode="CMYK")
+    _jpeg(folder / "gray.jpg", mode="L")
+    _jpeg(folder / "tiny.jpg", size=(7, 5))
+    Image.open(folder / "good.jpg").convert("P").save(folder / "palette.png")
+    Image.open(folder / "good.jpg").convert("RGBA").save(folder / "alpha.png")
+    buffer = io.BytesIO()
+    Image.open(folder / "good.jpg").resize((300, 200)).save(buffer, "JPEG", quality=90)
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    (folder / "text.jpg").write_text("this is not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    return {"good", "cmyk", "gray", "tiny", "palette", "alpha"}
+
+
+@pytest.mark.parametrize("full_decode", [False, True])
+def test_check_dataset_lists_bad_files_and_empty_folders(tmp_path, full_decode):
+    readable = _write_bad_inputs(tmp_path / "train" / "mixed")
+    (tmp_path / "train" / "hollow").mkdir()
+    (tmp_path / "train" / "mixed" / "labels.csv").write_text("x")
+    problems = dict(check_dataset(str(tmp_path), full_decode=full_decode))
+    folder = tmp_path / "train" / "mixed"
+    expected = {str(folder / f"{n}.jpg") for n in ("truncated", "corrupt", "text", "empty")}
+    expected |= {str(tmp_path / "train" / "hollow"), str(folder / "labels.csv")}
+    assert set(problems) == expected
+    assert problems[str(tmp_path / "train" / "hollow")] == "class folder has no images"
+    assert "truncated" in problems[str(folder / "truncated.jpg")]
+    assert not readable & {os.path.basename(p).split(".")[0] for p in problems}
+
+
+def test_check_dataset_missing_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset folder not found: .*nowhere"):
+        check_dataset(str(tmp_path / "nowhere"))

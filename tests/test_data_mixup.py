@@ -1,0 +1,100 @@
+"""Mixup / CutMix: targets and images against hand computations and timm's mixup_target."""
+
+import numpy as np
+import pytest
+import torch
+from timm.data.mixup import mixup_target
+
+from data_pipeline import Mixup
+
+B, C, S = 8, 5, 16
+
+
+def _constant_batch():
+    """Image i is filled with the value i, so every mixed pixel tells its sources."""
+    images = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, S, S).clone()
+    return images, torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+
+
+def _one_hot(labels, smoothing):
+    off = smoothing / C
+    return torch.full((len(labels), C), off).scatter_(1, labels.view(-1, 1), 1 - smoothing + off)
+
+
+def test_mixup_matches_a_hand_computation():
+    images, labels = _constant_batch()
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=C, seed=3)
+    lam, box, perm = mixup.draw((4, 17), S, S, B)
+    assert box is None and 0 < lam < 1 and sorted(perm.tolist()) == list(range(B))
+    extra = torch.softmax(torch.randn(B, C), 1)
+    mixed, targets, mixed_extra = mixup(images, labels, key=(4, 17), extra=extra)
+    for i in range(B):
+        j = int(perm[i])
+        assert torch.allclose(mixed[i], torch.full((3, S, S), lam * i + (1 - lam) * j))
+        expected = (
+            lam * _one_hot(labels[i : i + 1], 0.1)[0]
+            + (1 - lam) * _one_hot(labels[j : j + 1], 0.1)[0]
+        )
+        torch.testing.assert_close(targets[i], expected)
+        torch.testing.assert_close(mixed_extra[i], lam * extra[i] + (1 - lam) * extra[j])
+    assert torch.equal(images[:, 0, 0, 0], torch.arange(B, dtype=torch.float32))  # input intact
+
+
+def test_cutmix_box_area_sets_lambda():
+    images, labels = _constant_batch()
+    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=C, seed=0)
+    for step in range(20):
+        mixed, targets, _ = mixup(images, labels, key=(0, step))
+        lam, (top, bottom, left, right), perm = mixup.draw((0, step), S, S, B)
+        for i in range(B):
+            from_other = (mixed[i] != i).float().mean().item() if perm[i] != i else 0.0
+            area = (bottom - top) * (right - left) / S**2
+            assert from_other == pytest.approx(area if perm[i] != i else 0.0)
+            assert lam == pytest.approx(1 - area)
+            expected = (
+                lam * _one_hot(labels[i : i + 1], 0)[0]
+                + (1 - lam) * _one_hot(labels[perm[i] : perm[i] + 1], 0)[0]
+            )
+            torch.testing.assert_close(targets[i], expected)
+
+
+def test_targets_agree_with_timm_for_the_flip_permutation():
+    labels = torch.tensor([3, 1, 4, 1, 0, 2, 2, 4])
+    mixup = Mixup(label_smoothing=0.1, num_classes=C)
+    one_hot = mixup.smooth_one_hot(labels)
+    lam = 0.3
+    ours = torch.lerp(one_hot.flip(0), one_hot, lam)  # what __call__ does, with timm's flip
+    torch.testing.assert_close(ours, mixup_target(labels, C, lam=lam, smoothing=0.1))
+
+
+def test_off_gives_smoothed_one_hot_only():
+    images, labels = _constant_batch()
+    for mixup in (
+        Mixup(mixup_alpha=0, cutmix_alpha=0, num_classes=C),
+        Mixup(prob=0, num_classes=C),
+    ):
+        out, targets, extra = mixup(images, labels, key=(1, 2))
+        assert out is images and extra is None
+        torch.testing.assert_close(targets, _one_hot(labels, 0.1))
+
+
+def test_draws_are_keyed_and_follow_the_recipe_rates():
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, num_classes=C)
+    draws = [mixup.draw((0, step), 224, 224, 4) for step in range(2000)]
+    again = mixup.draw((0, 5), 224, 224, 4)
+    assert again[0] == draws[5][0] and np.array_equal(again[2], draws[5][2])
+    cutmix = np.mean([box is not None for _, box, _ in draws])
+    assert abs(cutmix - 0.5) < 0.05
+    lams = np.array([lam for lam, box, _ in draws if box is None])
+    assert (
+        abs(lams.mean() - 0.5) < 0.03 and abs(lams.var() - 0.64 / (1.6**2 * 2.6)) < 0.01
+    )  # Beta(0.8, 0.8)
+    sometimes = Mixup(prob=0.3, num_classes=C)
+    applied = np.mean([sometimes.draw((1, s), 8, 8, 4)[2] is not None for s in range(2000)])
+    assert abs(applied - 0.3) < 0.04
+
+
+def test_integer_extra_is_refused():
+    images, labels = _constant_batch()
+    with pytest.raises(TypeError, match="extra must be a floating tensor"):
+        Mixup(num_classes=C)(images, labels, key=(0, 0), extra=labels)

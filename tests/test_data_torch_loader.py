@@ -1,0 +1,210 @@
+"""The torch fallback loader: determinism, resume, the plan applied, bad input, validation."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+from skimage import data as photos
+from torchvision.transforms import InterpolationMode
+
+from data_pipeline import (
+    AugmentationPlan,
+    BadImageError,
+    DatasetIndex,
+    PlanParams,
+    build_train_loader,
+    build_val_loader,
+)
+
+SIZE = 48
+PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "hubble_deep_field")
+
+
+@pytest.fixture(scope="module")
+def photo_tree(tmp_path_factory):
+    """Six scikit-image photographs, downscaled, two per class, plus small random JPEGs."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(PHOTOS):
+        folder = root / "train" / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(getattr(photos, name)())
+        img.thumbnail((160, 160))
+        img.save(folder / f"{name}.jpg", quality=90)
+        for k in range(3):
+            h, w = rng.integers(30, 90, 2)
+            pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"noise{k}.jpg", quality=90)
+    return root
+
+
+def _collect(loader, epoch, **kw):
+    return list(loader.epoch(epoch, **kw))
+
+
+def _by_key(batches):
+    return {
+        (int(s), int(k)): img for b in batches for s, k, img in zip(b.samples, b.repeats, b.images)
+    }
+
+
+def test_same_images_for_any_workers_and_batch_size(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    params = PlanParams(image_size=SIZE)
+    a = _collect(build_train_loader(index, params, batch_size=4, num_workers=0), epoch=2)
+    b = _collect(build_train_loader(index, params, batch_size=2, num_workers=2), epoch=2)
+    ka, kb = _by_key(a), _by_key(b)
+    assert set(ka) <= set(kb) and len(ka) == 4 * len(a)
+    for key, img in ka.items():
+        torch.testing.assert_close(img, kb[key], rtol=0, atol=0)
+    assert a[0].images.shape == (4, 3, SIZE, SIZE) and a[0].images.dtype == torch.float32
+    assert a[0].labels.dtype == torch.int64
+    np.testing.assert_array_equal(a[0].labels, index.labels[a[0].samples.numpy()])
+    np.testing.assert_array_equal(a[0].views, 2 * 3 + a[0].repeats.numpy())
+
+
+def test_resume_mid_epoch_is_exact(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    loader = build_train_loader(index, PlanParams(image_size=SIZE), batch_size=3, num_workers=0)
+    full = _collect(loader, epoch=1)
+    resumed = _collect(loader, epoch=1, start_step=2)
+    assert len(full) == loader.steps_per_epoch and len(resumed) == len(full) - 2
+    for x, y in zip(full[2:], resumed):
+        torch.testing.assert_close(x.images, y.images, rtol=0, atol=0)
+        assert torch.equal(x.samples, y.samples) and torch.equal(x.repeats, y.repeats)
+
+
+def test_images_follow_the_plan(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    params = PlanParams(image_size=SIZE, rand_augment=None, reprob=1.0)
+    batch = _collect(build_train_loader(index, params, batch_size=4, num_workers=0), epoch=0)[0]
+    plan = AugmentationPlan(params, seed=0)
+    mean = torch.tensor(params.mean).view(3, 1, 1)
+    std = torch.tensor(params.std).view(3, 1, 1)
+    for img, sample, view in zip(batch.images, batch.samples.tolist(), batch.views.tolist()):
+        src = Image.open(index.paths[sample]).convert("RGB")
+        d = plan.draw([view], [sample], src.height, src.width)
+        top, left, h, w = d.crop[0].tolist()
+        ref = F.resized_crop(src, top, left, h, w, [SIZE, SIZE], InterpolationMode.BICUBIC)
+        if d.flip[0]:
+            ref = F.hflip(ref)
+        ref = (F.pil_to_tensor(ref) / 255 - mean) / std
+        et, el, eh, ew = d.erase[0].tolist()
+        assert eh > 0  # reprob=1: every image has a box
+        ref[:, et : et + eh, el : el + ew] = torch.from_numpy(
+            plan.erase_noise(view, sample, eh, ew)
+        )
+        torch.testing.assert_close(img, ref, rtol=0, atol=1e-5)
+
+
+def test_rand_augment_changes_images_deterministically(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    on = PlanParams(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1-p1", reprob=0)
+    off = PlanParams(image_size=SIZE, rand_augment=None, reprob=0)
+    a = _collect(build_train_loader(index, on, batch_size=4, num_workers=0), epoch=0)[0]
+    b = _collect(build_train_loader(index, off, batch_size=4, num_workers=0), epoch=0)[0]
+    again = _collect(build_train_loader(index, on, batch_size=4, num_workers=0), epoch=0)[0]
+    assert torch.equal(a.images, again.images)
+    assert all((x - y).abs().mean() > 0.01 for x, y in zip(a.images, b.images))
+
+
+@pytest.fixture()
+def bad_tree(tmp_path):
+    """Good, odd-but-readable and unreadable files in one class folder, a second clean class."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    rgb.save(folder / "good.jpg", quality=90)
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("L").save(folder / "gray.jpg")
+    rgb.convert("P").save(folder / "palette.png")
+    rgb.convert("RGBA").save(folder / "alpha.png")
+    rgb.resize((9, 7)).save(folder / "tiny.jpg")
+    buffer = io.BytesIO()
+    rgb.resize((300, 200)).save(buffer, "JPEG", quality=90)
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    (folder / "text.jpg").write_text("not an image")
+    other = tmp_path / "train" / "b"
+    other.mkdir()
+    for i in range(9):
+        rgb.rotate(40 * i).save(other / f"{i}.jpg")
+    return tmp_path
+
+
+BAD = ("truncated.jpg", "corrupt.jpg", "text.jpg")
+
+
+def test_bad_files_are_replaced_counted_and_named(bad_tree):
+    index = DatasetIndex.from_folder(str(bad_tree))
+    bad_ids = {i for i, p in enumerate(index.paths) if p.endswith(BAD)}
+    loader = build_train_loader(index, PlanParams(image_size=SIZE), batch_size=6, num_workers=0)
+    with pytest.warns(UserWarning) as caught:
+        batches = _collect(loader, epoch=0) + _collect(loader, epoch=1) + _collect(loader, epoch=2)
+    shown = {int(s) for b in batches for s in b.samples}
+    assert not shown & bad_ids  # replaced by readable samples
+    assert loader.bad_images == len(caught) == 9  # each bad file, R times, over one cycle
+    named = " ".join(str(w.message) for w in caught)
+    assert all(name in named for name in BAD)
+    assert all(torch.isfinite(b.images).all() for b in batches)
+    for b in batches:  # labels follow the sample actually shown
+        np.testing.assert_array_equal(b.labels, index.labels[b.samples.numpy()])
+    odd = {
+        i
+        for i, p in enumerate(index.paths)
+        if p.endswith(("cmyk.jpg", "gray.jpg", "png", "tiny.jpg"))
+    }
+    assert odd <= shown  # CMYK, grayscale, palette/alpha PNG and tiny images all load
+
+
+def test_bad_file_with_error_policy_raises_naming_it(bad_tree):
+    index = DatasetIndex.from_folder(str(bad_tree))
+    loader = build_train_loader(
+        index, PlanParams(image_size=SIZE), batch_size=18, num_workers=0, on_bad_image="error"
+    )
+    with pytest.raises(
+        BadImageError, match=r"cannot decode image .*/a/(truncated|corrupt|text)\.jpg"
+    ):
+        _collect(loader, epoch=0)
+
+
+def test_unknown_backend_or_policy_is_refused(bad_tree):
+    index = DatasetIndex.from_folder(str(bad_tree))
+    with pytest.raises(ValueError, match=r"data backend 'tf': accepted \('torch', 'dali'\)"):
+        build_train_loader(index, PlanParams(), batch_size=2, backend="tf")
+    with pytest.raises(ValueError, match="on_bad_image 'ignore'"):
+        build_train_loader(index, PlanParams(), batch_size=2, on_bad_image="ignore")
+
+
+def test_val_every_sample_once_over_ranks(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    seen = []
+    for rank in range(4):  # 24 samples, batch 5: ranks get 6 each, batches 5 + 1
+        val = build_val_loader(
+            index, image_size=SIZE, batch_size=5, num_workers=rank % 2, rank=rank, world_size=4
+        )
+        for images, labels in val:
+            assert images.shape[1:] == (3, SIZE, SIZE)
+            seen.extend(labels.tolist())
+    assert sorted(seen) == sorted(index.labels.tolist())
+
+
+def test_val_matches_resize_and_centre_crop(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    images, _ = next(iter(build_val_loader(index, image_size=SIZE, batch_size=2, num_workers=0)))
+    src = Image.open(index.paths[0]).convert("RGB")
+    ref = F.center_crop(F.resize(src, int(SIZE / 0.875), InterpolationMode.BICUBIC), SIZE)
+    ref = F.normalize(F.to_tensor(ref), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(images[0], ref, rtol=0, atol=1e-5)
+
+
+def test_val_drops_bad_files(bad_tree):
+    index = DatasetIndex.from_folder(str(bad_tree))
+    val = build_val_loader(index, image_size=SIZE, batch_size=4, num_workers=0)
+    with pytest.warns(UserWarning) as caught:
+        labels = [y for _, ys in val for y in ys.tolist()]
+    assert len(labels) == len(index) - 3 and val.bad_images == len(caught) == 3
+    assert all(name in " ".join(str(w.message) for w in caught) for name in BAD)
