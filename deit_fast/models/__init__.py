@@ -16,7 +16,7 @@ from deit_fast.ops import KernelChoice
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
 _BASE = dict(embed_dim=768, depth=12, num_heads=12)
-_MICRO = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4)  # the digits demo
+_MICRO = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)  # the digits demo
 
 MODEL_SPECS: dict[str, dict[str, Any]] = {
     "deit_tiny_patch16_224": _TINY,
