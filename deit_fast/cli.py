@@ -1,4 +1,7 @@
-"""Command line: deit-fast train | eval | demo | bench, each with --config and dotted overrides."""
+"""Command line: deit-fast train | eval | demo | data check | bench.
+
+train and eval take --config FILE and dotted overrides (optim.lr=1e-3).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small DeiT on scikit-learn's digits, on the CPU")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="dotted overrides on the demo recipe")
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="list the files a training run would have to skip")
+    p.add_argument("--data-path", required=True, help="dataset root (train/ and val/) or a split")
+    p.add_argument("--full-decode", action="store_true", help="decode every image (slow, exact)")
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (arguments pass through)")
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -41,11 +49,23 @@ def _run_benchmark(name: str, args: list[str]) -> int:
     return subprocess.call([sys.executable, str(script), *args])
 
 
+def _check_data(root: str, full_decode: bool) -> int:
+    from data_pipeline import check_dataset
+
+    problems = check_dataset(root, full_decode=full_decode)
+    for path, reason in problems:
+        print(f"{path}\t{reason}")
+    print(f"{len(problems)} problem(s) found under {root}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "bench":
             return _run_benchmark(args.name, args.args)
+        if args.command == "data":
+            return _check_data(args.data_path, args.full_decode)
         if args.command == "demo":
             from deit_fast.demo import run_demo
 

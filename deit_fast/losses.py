@@ -32,7 +32,8 @@ class DistillationLoss:
         self.kind, self.alpha, self.tau, self.teacher = kind, alpha, tau, teacher
 
     def __call__(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor],
-                 targets: Tensor) -> Tensor:
+                 targets: Tensor, teacher_targets: Tensor | None = None) -> Tensor:
+        """teacher_targets: per-sample targets from a cache (not used by the online teacher)."""
         logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
         base = soft_target_cross_entropy(logits, targets)
         if self.kind == "none":

@@ -35,17 +35,20 @@ class TrainLoader(Protocol):
 
 
 Mix = Callable[..., tuple[Tensor, Tensor, Tensor | None]]
+# Per-sample teacher targets for a batch (e.g. looked up in a teacher cache), or None.
+TeacherTargets = Callable[[Any], Tensor]
 
 
 class Trainer:
     def __init__(self, cfg: Config, model: nn.Module, train_loader: TrainLoader,
                  val_loader: Iterable[tuple[Tensor, Tensor]] | None,
-                 criterion: Callable[[Tensor, Any, Tensor], Tensor], mix: Mix,
+                 criterion: Callable[..., Tensor], mix: Mix,
                  device: torch.device, run_dir: str | Path, world_size: int = 1,
-                 fingerprint: str = "") -> None:
+                 fingerprint: str = "", teacher_targets: TeacherTargets | None = None) -> None:
         self.cfg, self.device, self.run_dir = cfg, device, Path(run_dir)
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.criterion, self.mix, self.fingerprint = criterion, mix, fingerprint
+        self.teacher_targets = teacher_targets
         steps = train_loader.steps_per_epoch
         lr = scaled_lr(cfg.optim, cfg.data.batch_size * world_size)
         self.schedule = CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_lr,
@@ -116,11 +119,13 @@ class Trainer:
         lr = self.schedule(self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images, targets, _ = self.mix(batch.images, batch.labels,
-                                      key=(self.epoch, self.step_in_epoch))
+        teacher = self.teacher_targets(batch) if self.teacher_targets else None
+        # Labels and teacher targets are mixed with the same lambda and permutation.
+        images, targets, teacher = self.mix(batch.images, batch.labels,
+                                            key=(self.epoch, self.step_in_epoch), extra=teacher)
         with self.autocast():
             outputs = self.forward(images)
-            loss = self.criterion(images, outputs, targets)
+            loss = self.criterion(images, outputs, targets, teacher)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad is not None:

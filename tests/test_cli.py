@@ -48,3 +48,14 @@ def test_module_entry_point_prints_help():
                          text=True, check=True, cwd=REPO).stdout
     for command in ("train", "eval", "demo", "bench"):
         assert command in out
+
+
+def test_data_check_lists_bad_files(capsys, tmp_path):
+    from tests.test_train import write_tiny_imagefolder
+
+    write_tiny_imagefolder(tmp_path / "data")
+    assert main(["data", "check", "--data-path", str(tmp_path / "data")]) == 0
+    (tmp_path / "data" / "train" / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    assert main(["data", "check", "--data-path", str(tmp_path / "data")]) == 1
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.out and "1 problem(s)" in captured.err
