@@ -19,16 +19,18 @@ FORMAT_VERSION = 1
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise OSError(err.errno, f"could not write checkpoint {str(path)!r} ({err.strerror}); "
                           "the previous checkpoint is unchanged") from err
@@ -38,6 +40,12 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files of writes that a kill interrupted before their rename."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> dict[str, Any]:

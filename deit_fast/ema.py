@@ -21,8 +21,9 @@ class ModelEma:
         self._live = [t for t in model.state_dict().values() if t.is_floating_point()]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self._ema, self._live, 1.0 - self.decay)
+    def update(self, active: float | torch.Tensor = 1.0) -> None:
+        """active: 0 (a device tensor, so no sync) leaves the average as it is (a skipped step)."""
+        torch._foreach_lerp_(self._ema, self._live, (1.0 - self.decay) * active)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -12,6 +12,8 @@ class MetricsLog:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.touch()  # the curves can be plotted before the first log line
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

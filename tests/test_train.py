@@ -68,7 +68,7 @@ class TensorLoader:
         self.steps_per_epoch = len(images) // batch_size
         self.bad_images = 0
 
-    def epoch(self, epoch, start_step=0):
+    def epoch(self, epoch, start_step=0, start_item=None):
         for step in range(start_step, self.steps_per_epoch):
             part = slice(step * self.batch_size, (step + 1) * self.batch_size)
             yield SimpleNamespace(images=self.images[part], labels=self.labels[part])
@@ -188,3 +188,11 @@ def test_missing_data_path_is_named(tmp_path):
         train(tiny_config(tmp_path / "nowhere", tmp_path / "run"))
     with pytest.raises(ValueError, match="data.path: no dataset given"):
         train(load_config(None, ["train.device=cpu"]))
+
+
+def test_epoch_ends_before_the_first_log_line(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data)
+    summary = train(tiny_config(data, tmp_path / "run", "train.epochs=1",
+                                "train.log_interval=1000"))
+    assert "top1" in summary and (tmp_path / "run" / "curves.png").is_file()
