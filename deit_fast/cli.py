@@ -1,6 +1,6 @@
-"""Command line: deit-fast train | eval | demo | data check | bench.
+"""Command line: deit-fast train | eval | cache-teacher | demo | data check | bench.
 
-train and eval take --config FILE and dotted overrides (optim.lr=1e-3).
+train, eval and cache-teacher take --config FILE and dotted overrides (optim.lr=1e-3).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deit-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "train a DeiT (resumes from output_dir when it can)"),
-                       ("eval", "evaluate a checkpoint on data.path/val")):
+                       ("eval", "evaluate a checkpoint on data.path/val"),
+                       ("cache-teacher", "write the teacher's top-k logits for distill.num_views "
+                                         "views to distill.cache_dir (resumes)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML recipe, e.g. configs/deit_small.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
@@ -77,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
             from deit_fast.run import train
 
             print(json.dumps(train(cfg), indent=2))
+        elif args.command == "cache-teacher":
+            from deit_fast.cache_teacher import cache_teacher
+
+            print(f"teacher cache written to {cache_teacher(cfg)}")
         else:
             from deit_fast.run import evaluate_checkpoint
 
             print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=2))
         return 0
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError) as err:
         print(f"deit-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -79,8 +79,12 @@ class DistillConfig:
     alpha: float = 0.5
     tau: float = 1.0
     source: str = "online"  # online | cache
-    teacher: str | None = None  # timm model name
+    teacher: str | None = None  # timm model name, or a deit-fast model name
     teacher_checkpoint: str | None = None
+    cache_dir: str | None = None  # teacher-logit cache (deit-fast cache-teacher writes it)
+    num_views: int | None = None  # views in the cache; None: train.epochs * data.repeats
+    topk: int = 5  # teacher log-probabilities kept per view (1 is enough for hard)
+    shard_size: int = 10000  # samples per cache shard
 
 
 @dataclass
@@ -99,6 +103,7 @@ class TrainConfig:
     compile: bool = False
     resume: bool = True  # continue from output_dir/checkpoints/last.pt when present
     progress: bool = True
+    max_bad_steps: int = 20  # stop after this many NaN/inf-loss steps in a row (each is skipped)
 
 
 @dataclass
@@ -139,11 +144,15 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "optim.eps": (0, False),
     "optim.clip_grad": (0, False),
     "distill.tau": (0, False),
+    "distill.num_views": (1, True),
+    "distill.topk": (1, True),
+    "distill.shard_size": (1, True),
     "train.epochs": (1, True),
     "train.log_interval": (1, True),
     "train.eval_interval": (1, True),
     "train.checkpoint_interval": (0, True),
     "train.max_steps": (1, True),
+    "train.max_bad_steps": (1, True),
 }
 
 PROBABILITIES = (
@@ -236,6 +245,9 @@ def validate(cfg: Config) -> Config:
                           f"got {list(cfg.data.scale)}")
     if cfg.data.mixup < 0 or cfg.data.cutmix < 0:
         raise ConfigError("data.mixup and data.cutmix: Beta parameters must be >= 0 (0 turns off)")
+    if cfg.distill.type != "none" and cfg.distill.source == "cache" and not cfg.distill.cache_dir:
+        raise ConfigError("distill.cache_dir: a teacher cache folder is needed when "
+                          "distill.source is 'cache' (deit-fast cache-teacher writes it)")
     if cfg.distill.type != "none" and cfg.distill.source == "online" and not cfg.distill.teacher:
         raise ConfigError("distill.teacher: a teacher model name is needed when distill.type is "
                           f"{cfg.distill.type!r}")

@@ -4,6 +4,13 @@ The definitions follow the official DeiT code: soft distillation is the KL diver
 temperature tau, scaled by tau^2 and divided by the number of logits; hard distillation
 is the cross-entropy with the teacher's argmax. Both apply to the distillation head of a
 distilled model, or to the class head when the model has no distillation token.
+
+The teacher's side comes either from an online teacher run on the (mixed) batch, exactly
+as the paper does, or from per-sample teacher targets replayed from a teacher cache: the
+teacher's distribution at temperature tau (1 for hard), mixed by mixup/cutmix with the
+labels' lambda and permutation. The one approximation of the cache, in one place:
+teacher(mix(a, b)) is taken as mix(teacher(a), teacher(b)), so soft distillation uses the
+mixed distribution and hard distillation its argmax (the class the mix is mostly made of).
 """
 
 from __future__ import annotations
@@ -20,6 +27,18 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def soft_distillation(dist_logits: Tensor, teacher_probs: Tensor, tau: float) -> Tensor:
+    """DeiT's soft loss: KL(teacher || student) at temperature tau, * tau^2 / numel."""
+    kl = F.kl_div(F.log_softmax(dist_logits.float() / tau, dim=-1), teacher_probs,
+                  reduction="sum")
+    return kl * (tau * tau) / dist_logits.numel()
+
+
+def hard_distillation(dist_logits: Tensor, teacher_scores: Tensor) -> Tensor:
+    """DeiT's hard loss: cross-entropy with the teacher's argmax (logits or probabilities)."""
+    return F.cross_entropy(dist_logits.float(), teacher_scores.argmax(dim=-1))
+
+
 class DistillationLoss:
     """(1 - alpha) * CE(class head, targets) + alpha * distillation(dist head, teacher)."""
 
@@ -27,26 +46,36 @@ class DistillationLoss:
                  teacher: Callable[[Tensor], Tensor] | None = None) -> None:
         if kind not in ("none", "soft", "hard"):
             raise ValueError(f"distill.type: {kind!r} is not one of none, soft, hard")
-        if kind != "none" and teacher is None:
-            raise ValueError(f"distill.type={kind!r} needs a teacher")
         self.kind, self.alpha, self.tau, self.teacher = kind, alpha, tau, teacher
 
-    def __call__(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor],
-                 targets: Tensor, teacher_targets: Tensor | None = None) -> Tensor:
-        """teacher_targets: per-sample targets from a cache (not used by the online teacher)."""
+    @property
+    def target_tau(self) -> float:
+        """The temperature cached teacher targets must be rebuilt at (hard ignores tau)."""
+        return self.tau if self.kind == "soft" else 1.0
+
+    def components(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor],
+                   targets: Tensor, teacher_targets: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
+        """(class-head loss, distillation loss or None when distill.type is none)."""
         logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
         base = soft_target_cross_entropy(logits, targets)
         if self.kind == "none":
-            return base
-        with torch.no_grad():
-            teacher_logits = self.teacher(images).float()
-        dist_logits = dist_logits.float()
+            return base, None
+        if teacher_targets is None:
+            if self.teacher is None:
+                raise ValueError(f"distill.type={self.kind!r} needs a teacher: set "
+                                 "distill.teacher (online) or distill.cache_dir (cache)")
+            with torch.no_grad():
+                teacher_logits = self.teacher(images).float()
+            teacher_targets = torch.softmax(teacher_logits / self.target_tau, dim=-1)
         if self.kind == "soft":
-            t = self.tau
-            kl = F.kl_div(F.log_softmax(dist_logits / t, dim=-1),
-                          F.log_softmax(teacher_logits / t, dim=-1),
-                          reduction="sum", log_target=True)
-            distill = kl * (t * t) / dist_logits.numel()
-        else:
-            distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
+            return base, soft_distillation(dist_logits, teacher_targets.float(), self.tau)
+        return base, hard_distillation(dist_logits, teacher_targets)
+
+    def __call__(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor],
+                 targets: Tensor, teacher_targets: Tensor | None = None) -> Tensor:
+        """teacher_targets: per-sample teacher distributions from a cache, already mixed."""
+        base, distill = self.components(images, outputs, targets, teacher_targets)
+        if distill is None:
+            return base
         return base * (1 - self.alpha) + distill * self.alpha

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deit_fast import distributed
 from deit_fast.config import Config, save_config
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import DeiT, create_model, load_checkpoint
 from deit_fast.ops import resolve_kernels
 from deit_fast.teacher import load_teacher
 from deit_fast.train import Trainer
+
+if TYPE_CHECKING:
+    from data_pipeline import DatasetIndex, PlanParams
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,12 +54,33 @@ def data_root(cfg: Config) -> Path:
     return root
 
 
+def plan_params(cfg: Config) -> PlanParams:
+    """The augmentation plan's parameters: shared by training and the teacher cache."""
+    from data_pipeline import PlanParams
+
+    d = cfg.data
+    return PlanParams(image_size=image_size(cfg), scale=d.scale, ratio=d.ratio, hflip=d.hflip,
+                      rand_augment=d.rand_augment or None, reprob=d.reprob)
+
+
+def uses_cache(cfg: Config) -> bool:
+    return cfg.distill.type != "none" and cfg.distill.source == "cache"
+
+
+def cached_views(cfg: Config) -> int | None:
+    """V of the teacher cache the run replays (views wrap around mod V), or None."""
+    if not uses_cache(cfg):
+        return None
+    from data_pipeline.teacher_cache import read_manifest
+
+    return cfg.distill.num_views or read_manifest(cfg.distill.cache_dir)["num_views"]
+
+
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):
     """(train index, train loader, val loader, mixup) from the data_pipeline package."""
     from data_pipeline import (
         DatasetIndex,
         Mixup,
-        PlanParams,
         build_train_loader,
         build_val_loader,
     )
@@ -66,12 +92,11 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
         raise ValueError(f"{root}: val/ has classes {val_index.classes[:5]}..., train/ has "
                          f"{train_index.classes[:5]}...; they must match")
     size = image_size(cfg)
-    params = PlanParams(image_size=size, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                        rand_augment=d.rand_augment or None, reprob=d.reprob)
     train_loader = build_train_loader(
-        train_index, params=params, batch_size=d.batch_size, seed=cfg.train.seed,
+        train_index, params=plan_params(cfg), batch_size=d.batch_size, seed=cfg.train.seed,
         repeats=d.repeats, rank=rank, world_size=world_size, num_workers=d.num_workers,
-        backend=d.backend, device=device, on_bad_image=d.on_bad_image)
+        backend=d.backend, device=device, on_bad_image=d.on_bad_image,
+        num_views=cached_views(cfg))
     val_loader = build_val_loader(
         val_index, image_size=size, crop_pct=d.crop_pct, batch_size=d.eval_batch_size,
         num_workers=d.num_workers, backend=d.backend, device=device, rank=rank,
@@ -83,31 +108,69 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
 
 
 def build_criterion(cfg: Config, num_classes: int, device: torch.device) -> DistillationLoss:
+    """The loss; with distill.source=online it holds the teacher (cache: see below)."""
     teacher = None
-    if cfg.distill.type != "none":
+    if cfg.distill.type != "none" and cfg.distill.source == "online":
         teacher = load_teacher(cfg.distill.teacher, cfg.distill.teacher_checkpoint, num_classes,
                                device)
     return DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau, teacher)
 
 
+def build_teacher_targets(cfg: Config, index: DatasetIndex, device: torch.device
+                          ) -> Callable[[Any], torch.Tensor] | None:
+    """With distill.source=cache: the batch -> teacher distribution lookup, after checking
+    that the cache was built for this run's dataset, seed, plan, classes (and teacher)."""
+    if not uses_cache(cfg):
+        return None
+    from data_pipeline.teacher_cache import TeacherCache, check_manifest, sha256_file
+    from deit_fast.cache_teacher import cache_header
+
+    d = cfg.distill
+    cache = TeacherCache(d.cache_dir, device)
+    teacher_sha = sha256_file(d.teacher_checkpoint) if d.teacher_checkpoint else ""
+    expected = cache_header(cfg, index, teacher_sha)
+    unset = {"topk": True, "num_views": not d.num_views, "teacher": not d.teacher,
+             "teacher_checkpoint_sha256": not d.teacher_checkpoint}  # the cache's own are used
+    check_manifest(cache.manifest, {k: v for k, v in expected.items() if not unset.get(k)},
+                   d.cache_dir)
+    tau = 1.0 if d.type == "hard" else d.tau
+    return lambda batch: cache.targets(batch.views, batch.samples, tau)
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Train as configured; resumes from output_dir/checkpoints/last.pt when it exists."""
-    device = resolve_device(cfg.train.device)
+    """Train as configured, on one process or every rank torchrun starts; resumes from
+    output_dir/checkpoints/last.pt when it exists; SIGTERM / SIGUSR1 checkpoint and stop."""
+    dist = distributed.setup(resolve_device(cfg.train.device))
+    try:
+        with distributed.StopRequest() as stop:
+            return _train(cfg, dist, stop)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train(cfg: Config, dist: distributed.Distributed,
+           stop: distributed.StopRequest) -> dict[str, Any]:
+    device = dist.device
     torch.manual_seed(cfg.train.seed)
-    index, train_loader, val_loader, mixup = build_data(cfg, device)
+    index, train_loader, val_loader, mixup = build_data(cfg, device, dist.rank, dist.world_size)
     num_classes = cfg.model.num_classes or len(index.classes)
     if num_classes != len(index.classes):
         raise ValueError(f"model.num_classes={num_classes} but the dataset has "
                          f"{len(index.classes)} classes")
     model = build_model(cfg, num_classes, device)
     criterion = build_criterion(cfg, num_classes, device)
+    if dist.active:
+        torch.manual_seed(cfg.train.seed + dist.rank)  # drop-path masks differ between ranks
     run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, model, train_loader, val_loader, criterion, mixup, device, run_dir,
-                      fingerprint=index.fingerprint)
+                      fingerprint=index.fingerprint,
+                      teacher_targets=build_teacher_targets(cfg, index, device),
+                      dist=dist, stop=stop)
     try:
-        if trainer.maybe_resume():
+        if trainer.maybe_resume() and dist.is_main:
             print(f"resuming from {run_dir / 'checkpoints' / 'last.pt'} at epoch "
                   f"{trainer.epoch}, step {trainer.global_step}")
         return trainer.fit()

@@ -1,0 +1,250 @@
+"""The teacher-logit cache: top-k teacher log-probabilities per (view, sample), on disk.
+
+Layout. View v of the dataset is cut into chunks of `shard_size` samples; shard
+(v, c) holds samples [c * S, (c + 1) * S) of view v as one plain binary file: the values
+(float16 [n, k], the teacher's top-k log-softmax, i.e. its logits shifted by their
+logsumexp, so the mass outside the top-k is known), then the class indices (int16 [n, k],
+int32 above 32767 classes). `manifest.json` says what the cache was built from and holds
+a sha256 per shard. No pickle anywhere.
+
+Writing. A shard is written to a temporary name, fsynced and renamed, then its checksum
+goes to `<shard>.sha256` the same way; a shard with both files and a matching checksum is
+complete, so an interrupted pass resumes by skipping those. Whichever writer completes
+the last shard writes the final manifest, so ranks need no barrier.
+
+Reading. `TeacherCache` memory-maps every shard after checking its size and checksum;
+a lookup by (view, sample) is arithmetic on the two numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Fields a run must agree on with the cache; anything else in the manifest is bookkeeping.
+IDENTITY_FIELDS = ("dataset_fingerprint", "num_samples", "seed", "plan", "num_classes",
+                   "teacher", "teacher_checkpoint_sha256", "num_views", "topk")
+PRODUCE_HINT = "produce it with `deit-fast cache-teacher --config FILE` (same config as the run)"
+
+
+class TeacherCacheError(ValueError):
+    """A cache that is missing, incomplete, corrupted or truncated; the message names it."""
+
+
+class TeacherCacheMismatch(TeacherCacheError):
+    """A cache built for another dataset, seed, plan, teacher or class count."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """tmp + fsync + rename + directory fsync: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    name: str
+    view: int
+    first_sample: int
+    count: int
+
+
+class CacheLayout:
+    """Which shard holds (view, sample), and where in it."""
+
+    def __init__(self, num_samples: int, num_views: int, shard_size: int) -> None:
+        self.num_samples, self.num_views, self.shard_size = num_samples, num_views, shard_size
+        self.chunks_per_view = -(-num_samples // shard_size)
+
+    def shards(self) -> list[ShardSpec]:
+        out = []
+        for view in range(self.num_views):
+            for chunk in range(self.chunks_per_view):
+                first = chunk * self.shard_size
+                count = min(self.shard_size, self.num_samples - first)
+                out.append(ShardSpec(f"view{view:05d}_chunk{chunk:05d}.bin", view, first, count))
+        return out
+
+
+def manifest_header(*, dataset_fingerprint: str, num_samples: int, seed: int,
+                    plan: dict[str, Any], num_classes: int, teacher: str,
+                    teacher_checkpoint_sha256: str, num_views: int, topk: int,
+                    shard_size: int) -> dict[str, Any]:
+    """The manifest without its shard list: what the cache is, in JSON-plain values."""
+    return json.loads(json.dumps({
+        "format_version": FORMAT_VERSION,
+        "dataset_fingerprint": dataset_fingerprint, "num_samples": num_samples, "seed": seed,
+        "plan": plan, "num_classes": num_classes, "teacher": teacher,
+        "teacher_checkpoint_sha256": teacher_checkpoint_sha256, "num_views": num_views,
+        "topk": topk, "shard_size": shard_size, "values": "float16 top-k log_softmax",
+        "index_dtype": index_dtype(num_classes).name, "complete": False, "shards": [],
+    }))
+
+
+def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Refuse a cache whose identity differs from `expected` (fields absent there are skipped)."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TeacherCacheMismatch(f"teacher cache {where}: field 'format_version' is "
+                                   f"{manifest.get('format_version')!r}, this code reads "
+                                   f"{FORMAT_VERSION}; {PRODUCE_HINT}")
+    for key in IDENTITY_FIELDS:
+        if key in expected and manifest.get(key) != expected[key]:
+            raise TeacherCacheMismatch(
+                f"teacher cache {where} does not match this run: field {key!r} is "
+                f"{manifest.get(key)!r} in the cache, {expected[key]!r} in the run; "
+                f"use another distill.cache_dir or {PRODUCE_HINT}")
+
+
+class ShardWriter:
+    """Writes the shards of one cache directory; `start` creates or checks the manifest."""
+
+    def __init__(self, cache_dir: str | Path, header: dict[str, Any]) -> None:
+        self.dir, self.header = Path(cache_dir), header
+        self.layout = CacheLayout(header["num_samples"], header["num_views"],
+                                  header["shard_size"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / MANIFEST
+        if path.is_file():  # resuming: the partial cache must be the same cache
+            check_manifest(json.loads(path.read_text()), header, str(self.dir))
+        else:
+            _write_atomic(path, json.dumps(header, indent=1).encode())
+
+    def is_complete(self, shard: ShardSpec) -> bool:
+        path, check = self.dir / shard.name, self.dir / f"{shard.name}.sha256"
+        return path.is_file() and check.is_file() and \
+            check.read_text().strip() == sha256_file(path)
+
+    def write(self, shard: ShardSpec, values: np.ndarray, indices: np.ndarray) -> None:
+        k, dtype = self.header["topk"], index_dtype(self.header["num_classes"])
+        if values.shape != (shard.count, k) or indices.shape != (shard.count, k):
+            raise ValueError(f"shard {shard.name}: expected [{shard.count}, {k}] values and "
+                             f"indices, got {values.shape} and {indices.shape}")
+        data = values.astype(np.float16).tobytes() + indices.astype(dtype).tobytes()
+        _write_atomic(self.dir / shard.name, data)
+        _write_atomic(self.dir / f"{shard.name}.sha256",
+                      hashlib.sha256(data).hexdigest().encode())
+
+    def finalize(self) -> bool:
+        """Write the complete manifest when every shard is done; True if it was written."""
+        shards = self.layout.shards()
+        checks = [self.dir / f"{s.name}.sha256" for s in shards]
+        if not all(c.is_file() for c in checks):
+            return False
+        manifest = dict(self.header, complete=True, shards=[
+            {"file": s.name, "view": s.view, "first_sample": s.first_sample, "count": s.count,
+             "sha256": c.read_text().strip()} for s, c in zip(shards, checks)])
+        _write_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+        return True
+
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise TeacherCacheError(f"no teacher cache at {cache_dir} ({MANIFEST} missing); "
+                                f"{PRODUCE_HINT}")
+    return json.loads(path.read_text())
+
+
+class TeacherCache:
+    """Top-k teacher log-probabilities by (view, sample), returned on `device`."""
+
+    def __init__(self, cache_dir: str | Path, device: torch.device | str = "cpu",
+                 verify: bool = True) -> None:
+        self.dir, self.device = Path(cache_dir), torch.device(device)
+        self.manifest = m = read_manifest(cache_dir)
+        check_manifest(m, {}, str(self.dir))
+        if not m["complete"]:
+            raise TeacherCacheError(f"teacher cache {cache_dir} is incomplete (an interrupted "
+                                    f"pass?); run the same command again to finish it: "
+                                    f"{PRODUCE_HINT}")
+        self.num_views, self.num_samples = m["num_views"], m["num_samples"]
+        self.num_classes, self.k = m["num_classes"], m["topk"]
+        self.layout = CacheLayout(self.num_samples, self.num_views, m["shard_size"])
+        dtype = np.dtype(m["index_dtype"])
+        self.values: list[np.ndarray] = []
+        self.indices: list[np.ndarray] = []
+        for entry in m["shards"]:
+            path, n, k = self.dir / entry["file"], entry["count"], self.k
+            size = n * k * (2 + dtype.itemsize)
+            if not path.is_file():
+                raise TeacherCacheError(f"teacher cache shard {path} is missing; {PRODUCE_HINT}")
+            if path.stat().st_size != size:
+                raise TeacherCacheError(f"teacher cache shard {path} is truncated: "
+                                        f"{path.stat().st_size} bytes, expected {size}")
+            if verify and sha256_file(path) != entry["sha256"]:
+                raise TeacherCacheError(f"teacher cache shard {path} is corrupted: its sha256 "
+                                        f"differs from the manifest's")
+            self.values.append(np.memmap(path, np.float16, "r", 0, (n, k)))
+            self.indices.append(np.memmap(path, dtype, "r", n * k * 2, (n, k)))
+
+    def topk(self, views: Sequence[int] | torch.Tensor, samples: Sequence[int] | torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities float32 [B, k], class indices int64 [B, k]) on the device."""
+        views = np.asarray(torch.as_tensor(views).cpu(), np.int64)
+        samples = np.asarray(torch.as_tensor(samples).cpu(), np.int64)
+        if views.size and (views.min() < 0 or views.max() >= self.num_views):
+            raise TeacherCacheError(f"view {int(views.max())} is not in the teacher cache at "
+                                    f"{self.dir}, which holds views 0..{self.num_views - 1}; "
+                                    f"set distill.num_views or {PRODUCE_HINT}")
+        if samples.size and (samples.min() < 0 or samples.max() >= self.num_samples):
+            raise TeacherCacheError(f"sample {int(samples.max())} is not in the teacher cache "
+                                    f"at {self.dir} ({self.num_samples} samples)")
+        chunk, row = np.divmod(samples, self.layout.shard_size)
+        shard = views * self.layout.chunks_per_view + chunk
+        values = np.empty((len(views), self.k), np.float32)
+        indices = np.empty((len(views), self.k), np.int64)
+        for s in np.unique(shard):  # one fancy-index per touched shard
+            mine = shard == s
+            values[mine] = self.values[s][row[mine]]
+            indices[mine] = self.indices[s][row[mine]]
+        return (torch.from_numpy(values).to(self.device, non_blocking=True),
+                torch.from_numpy(indices).to(self.device, non_blocking=True))
+
+    def targets(self, views: Sequence[int] | torch.Tensor, samples: Sequence[int] | torch.Tensor,
+                tau: float = 1.0) -> torch.Tensor:
+        """The teacher's distribution at temperature tau, float32 [B, classes], rebuilt."""
+        return rebuild_distribution(*self.topk(views, samples), self.num_classes, tau)
+
+
+def rebuild_distribution(log_probs: torch.Tensor, indices: torch.Tensor, num_classes: int,
+                         tau: float = 1.0) -> torch.Tensor:
+    """softmax(teacher logits / tau) from the top-k log-probabilities: the mass outside the
+    top-k is spread evenly over the other classes (as if their logits were all equal)."""
+    k = log_probs.shape[1]
+    rest = (1 - log_probs.exp().sum(dim=1, keepdim=True)).clamp_(min=0)
+    rest_log = torch.log(rest / (num_classes - k)) if num_classes > k else \
+        torch.full_like(rest, float("-inf"))
+    full = rest_log.expand(-1, num_classes).clone()
+    full.scatter_(1, indices, log_probs)
+    return torch.softmax(full / tau, dim=1)

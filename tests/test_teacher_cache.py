@@ -1,0 +1,231 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from data_pipeline import DatasetIndex, build_train_loader
+from data_pipeline.teacher_cache import (
+    MANIFEST,
+    ShardWriter,
+    TeacherCache,
+    TeacherCacheError,
+    TeacherCacheMismatch,
+    manifest_header,
+    rebuild_distribution,
+)
+from deit_fast.cache_teacher import cache_teacher
+from deit_fast.config import ConfigError, load_config
+from deit_fast.run import build_teacher_targets, plan_params
+from tests.test_train import write_tiny_imagefolder
+
+TEACHER = "test_efficientnet"  # timm's ~100k-parameter test convnet: cheap on the CPU
+
+
+def header(**changes):
+    fields = dict(dataset_fingerprint="abc", num_samples=7, seed=0, plan={"image_size": 32},
+                  num_classes=5, teacher="t", teacher_checkpoint_sha256="00", num_views=3,
+                  topk=2, shard_size=3)
+    return manifest_header(**{**fields, **changes})
+
+
+def write_random_cache(folder: Path, **changes):
+    """A complete cache of random top-k; returns the (values, indices) written, [V, N, k]."""
+    h = header(**changes)
+    rng = np.random.default_rng(0)
+    shape = (h["num_views"], h["num_samples"], h["topk"])
+    values = -rng.random(shape).astype(np.float16) * 5
+    indices = rng.integers(0, h["num_classes"], shape).astype(np.int16)
+    writer = ShardWriter(folder, h)
+    for s in writer.layout.shards():
+        rows = slice(s.first_sample, s.first_sample + s.count)
+        writer.write(s, values[s.view, rows], indices[s.view, rows])
+    assert writer.finalize()
+    return values, indices
+
+
+def test_shard_round_trip(tmp_path):
+    values, indices = write_random_cache(tmp_path)
+    cache = TeacherCache(tmp_path)
+    assert len(json.loads((tmp_path / MANIFEST).read_text())["shards"]) == 3 * 3
+    views, samples = torch.tensor([0, 2, 1, 2, 0]), torch.tensor([6, 0, 3, 5, 2])
+    got_values, got_indices = cache.topk(views, samples)
+    np.testing.assert_array_equal(got_values.numpy(), values[views, samples].astype(np.float32))
+    np.testing.assert_array_equal(got_indices.numpy(), indices[views, samples])
+    assert got_indices.dtype == torch.int64
+
+
+def test_missing_view_names_the_command(tmp_path):
+    write_random_cache(tmp_path)
+    with pytest.raises(TeacherCacheError, match="view 3 is not in the teacher cache.*cache-"):
+        TeacherCache(tmp_path).topk([3], [0])
+    with pytest.raises(TeacherCacheError, match="no teacher cache.*cache-teacher"):
+        TeacherCache(tmp_path / "nowhere")
+
+
+def test_incomplete_cache_is_refused(tmp_path):
+    writer = ShardWriter(tmp_path, header())
+    shard = writer.layout.shards()[0]
+    writer.write(shard, np.zeros((shard.count, 2)), np.zeros((shard.count, 2)))
+    assert not writer.finalize()
+    with pytest.raises(TeacherCacheError, match="incomplete"):
+        TeacherCache(tmp_path)
+
+
+def test_corrupted_and_truncated_shards_are_named(tmp_path):
+    write_random_cache(tmp_path)
+    shard = tmp_path / "view00001_chunk00002.bin"
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TeacherCacheError, match="view00001_chunk00002.bin is corrupted"):
+        TeacherCache(tmp_path)
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(TeacherCacheError, match="view00001_chunk00002.bin is truncated"):
+        TeacherCache(tmp_path)
+    shard.unlink()
+    with pytest.raises(TeacherCacheError, match="view00001_chunk00002.bin is missing"):
+        TeacherCache(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dataset_fingerprint", "other"), ("seed", 1), ("plan", {"image_size": 64}),
+    ("num_classes", 6), ("teacher", "other"), ("teacher_checkpoint_sha256", "11"),
+    ("num_views", 4), ("topk", 3), ("num_samples", 8),
+])
+def test_manifest_mismatch_names_the_field(tmp_path, field, value):
+    write_random_cache(tmp_path)
+    with pytest.raises(TeacherCacheMismatch, match=f"field '{field}'"):
+        ShardWriter(tmp_path, header(**{field: value}))  # resuming into another cache
+
+
+def test_rebuilt_distribution_spreads_the_rest():
+    probs = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.1]])
+    log_probs, indices = probs.log().topk(2)
+    rebuilt = rebuild_distribution(log_probs, indices, 5)
+    torch.testing.assert_close(rebuilt, probs)
+    hot = rebuild_distribution(log_probs, indices, 5, tau=0.5)
+    torch.testing.assert_close(hot, probs**2 / (probs**2).sum())
+    assert rebuild_distribution(log_probs[:, :1], indices[:, :1], 5).argmax() == 0
+
+
+# ------------------------------------------------------------------ the cache pass
+def teacher_setup(tmp_path: Path, *extra: str):
+    """A tiny image folder, a random timm teacher on disk, and a config caching it."""
+    data = tmp_path / "data"
+    if not data.exists():
+        write_tiny_imagefolder(data, classes=3, per_class=5, size=36)
+    checkpoint = tmp_path / "teacher.pt"
+    if not checkpoint.exists():
+        torch.manual_seed(0)
+        torch.save(timm.create_model(TEACHER, num_classes=3).state_dict(), checkpoint)
+    return load_config(None, [
+        "model.name=deit_micro_distilled_patch4_32", f"data.path={data}", "data.num_workers=0",
+        "data.repeats=2", "data.rand_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25",
+        "data.eval_batch_size=4", "train.epochs=1", "train.progress=false", "train.device=cpu",
+        f"distill.teacher={TEACHER}", f"distill.teacher_checkpoint={checkpoint}",
+        f"distill.cache_dir={tmp_path / 'cache'}", "distill.num_views=3", "distill.topk=2",
+        "distill.shard_size=6", "distill.type=hard", "distill.source=cache",
+        f"train.output_dir={tmp_path / 'run'}", *extra])
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
+
+
+def test_interrupted_pass_resumes_to_identical_shards(tmp_path, monkeypatch):
+    expected = shard_bytes(cache_teacher(teacher_setup(tmp_path)))
+    assert len(expected) == 3 * 3  # 15 samples in shards of 6, 3 views
+    cfg = teacher_setup(tmp_path, f"distill.cache_dir={tmp_path / 'resumed'}")
+    original, calls = ShardWriter.write, []
+
+    def write_then_die(self, shard, values, indices):
+        if len(calls) == 4:
+            raise KeyboardInterrupt("preempted")
+        calls.append(shard.name)
+        original(self, shard, values, indices)
+
+    monkeypatch.setattr(ShardWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(cfg)
+    with pytest.raises(TeacherCacheError, match="incomplete"):
+        TeacherCache(tmp_path / "resumed")
+    calls.append("resume")
+    monkeypatch.setattr(ShardWriter, "write", lambda self, *a: calls.append(a[0].name) or
+                        original(self, *a))
+    cache_teacher(cfg)
+    assert calls[5:] == [n for n in expected if n not in calls[:4]]  # finished ones skipped
+    assert shard_bytes(tmp_path / "resumed") == expected
+    TeacherCache(tmp_path / "resumed")
+
+
+def test_ranks_split_the_work(tmp_path):
+    cfg = teacher_setup(tmp_path)
+    cache_teacher(cfg, rank=1, world_size=2)
+    assert len(shard_bytes(tmp_path / "cache")) == 4
+    with pytest.raises(TeacherCacheError, match="incomplete"):
+        TeacherCache(tmp_path / "cache")
+    cache_teacher(cfg, rank=0, world_size=2)
+    assert TeacherCache(tmp_path / "cache").manifest["complete"]
+
+
+def test_cached_topk_is_the_teacher_on_the_students_view(tmp_path):
+    cfg = teacher_setup(tmp_path)
+    cache = TeacherCache(cache_teacher(cfg))
+    teacher = timm.create_model(TEACHER, num_classes=3)
+    teacher.load_state_dict(torch.load(cfg.distill.teacher_checkpoint, weights_only=True))
+    teacher.eval()
+    index = DatasetIndex.from_folder(cfg.data.path, split="train")
+    loader = build_train_loader(index, plan_params(cfg), batch_size=4, seed=cfg.train.seed,
+                                repeats=2, num_workers=0, num_views=3)
+    checked = set()
+    for epoch in (0, 1):  # views 0, 1, then 2, 0 (mod 3)
+        batch = next(iter(loader.epoch(epoch)))
+        with torch.no_grad():
+            expected = torch.log_softmax(teacher(batch.images), dim=-1).topk(2)
+        values, indices = cache.topk(batch.views, batch.samples)
+        torch.testing.assert_close(values, expected.values, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(indices, expected.indices)
+        checked |= set(batch.views.tolist())
+    assert checked == {0, 1, 2}
+
+
+def test_run_refuses_a_cache_of_another_seed_and_names_it(tmp_path):
+    cfg = teacher_setup(tmp_path)
+    cache_teacher(cfg)
+    index = DatasetIndex.from_folder(cfg.data.path, split="train")
+    assert build_teacher_targets(cfg, index, torch.device("cpu")) is not None
+    other = teacher_setup(tmp_path, "train.seed=1")
+    with pytest.raises(TeacherCacheMismatch, match="field 'seed' is 0 in the cache, 1 in the run"):
+        build_teacher_targets(other, index, torch.device("cpu"))
+    other = teacher_setup(tmp_path, "data.scale=[0.5,1.0]")
+    with pytest.raises(TeacherCacheMismatch, match="field 'plan'"):
+        build_teacher_targets(other, index, torch.device("cpu"))
+
+
+def test_cache_config_keys_are_checked():
+    with pytest.raises(ConfigError, match="distill.cache_dir"):
+        load_config(None, ["distill.type=hard", "distill.source=cache"])
+    with pytest.raises(ConfigError, match="distill.topk: must be >= 1"):
+        load_config(None, ["distill.topk=0"])
+    with pytest.raises(ConfigError, match="distill.num_views: must be >= 1"):
+        load_config(None, ["distill.num_views=0"])
+
+
+def test_cache_teacher_command(tmp_path, capsys):
+    from deit_fast.cli import main
+
+    cfg = teacher_setup(tmp_path)
+    common = ["model.name=deit_micro_distilled_patch4_32", f"data.path={cfg.data.path}",
+              "data.num_workers=0", "train.progress=false", "distill.num_views=1",
+              "distill.topk=2", f"distill.cache_dir={tmp_path / 'cli'}"]
+    assert main(["cache-teacher", *common]) == 2
+    assert "distill.teacher: cache-teacher needs it" in capsys.readouterr().err
+    teacher = [f"distill.teacher={TEACHER}",
+               f"distill.teacher_checkpoint={cfg.distill.teacher_checkpoint}"]
+    assert main(["cache-teacher", *common, *teacher, "distill.topk=4"]) == 2
+    assert "distill.topk: 4 is more than the 3 classes" in capsys.readouterr().err
+    assert main(["cache-teacher", *common, *teacher]) == 0
+    assert TeacherCache(tmp_path / "cli").manifest["teacher"] == TEACHER
