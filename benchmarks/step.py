@@ -1,0 +1,469 @@
+"""Training-step benchmark: deit-fast's DeiT with each kernel setting against timm's model.
+
+One full training step as the trainer runs it (bf16 autocast forward, soft-target
+cross-entropy, backward, fused AdamW with the DeiT parameter groups, EMA update; not its
+per-step NaN guard, which timm's side would lack), on
+random images already on the GPU, at 224 px and batch 256 per GPU. Rows, all in one run,
+for each of DeiT-Ti/S/B: ours with every Triton op, with torch/SDPA only, with each Triton
+op alone, ours (all Triton) under torch.compile, timm's same model eager (fused_attn on,
+timm's default) and timm under torch.compile. Columns: img/s (median of the timed steps
+after warm-up, CUDA events), MFU against a bf16 matmul peak measured in the same run, peak
+memory, and speed-up over timm eager. A row that fails (OOM, compile error) is recorded
+with its error; the run goes on.
+
+    python benchmarks/step.py [--models tiny,small,base] [--steps 30] [--warmup 10]
+                              [--batch 256] [--max-batch] [--budget-s S] [--out DIR]
+    (or: deit-fast bench step ...)
+
+Writes step_<device>.csv (after every row, so a killed run keeps what it measured), a
+.json sidecar (device, versions, date, command, peak, FLOPs, targets) and a .png bar
+chart (when matplotlib is importable) to --out, and prints the table last. --smoke runs a
+one-block model at 32 px on the CPU (Triton under the interpreter, fp32): its numbers
+mean nothing, it keeps the script working in CI.
+
+FLOPs per image for one training step (a multiply-add is 2 FLOPs; LayerNorm, GELU,
+softmax and the optimizer are not counted), with C the width, L the depth, H the MLP
+hidden width, N the tokens (patches P plus class/distillation tokens), p the patch size:
+    forward = 2*P*3*p^2*C                    patch embedding
+            + L*(2*N*C*(4*C + 2*H)           qkv, proj, fc1, fc2
+                 + 4*N^2*C)                  q@k^T and attn@v
+            + 2*C*classes*heads              classifier head(s)
+    step    = 3 * forward - 2*P*3*p^2*C      backward is twice the forward, except that
+                                             the images need no gradient
+DeiT-Ti/S/B: 7.5, 27.5 and 105 GFLOPs a step per image (1.3, 4.6, 17.6 GMACs forward).
+timm's model is the same network, so the same count is used for it; MFU = FLOPs per image
+* img/s / the matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Run as a script, this folder heads sys.path and benchmarks/kernels.py would shadow the
+# kernels package: put the repository root there instead.
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path[0] = str(_HERE.parent)
+
+from deit_fast.config import OptimConfig  # noqa: E402
+from deit_fast.ema import ModelEma  # noqa: E402
+from deit_fast.losses import soft_target_cross_entropy  # noqa: E402
+from deit_fast.models import create_model  # noqa: E402
+from deit_fast.ops import KernelChoice  # noqa: E402
+from deit_fast.optim import build_optimizer, scaled_lr  # noqa: E402
+
+MODELS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224",
+          "base": "deit_base_patch16_224"}
+LABELS = {"tiny": "DeiT-Ti", "small": "DeiT-S", "base": "DeiT-B"}
+TRITON = KernelChoice("triton", "triton", "triton")
+DROP_PATH = 0.1  # the recipe's stochastic depth, for ours and timm alike
+EMA_DECAY = 0.99996
+MAX_BATCH = 16384  # where --max-batch stops doubling even if it still fits (8 in smoke)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    source: str  # ours | timm
+    kernels: KernelChoice | None  # None for timm
+    compiled: bool
+    priority: int  # rows run in this order, so that --budget-s cuts the least needed ones
+
+
+SETTINGS = [
+    Setting("ours triton", "ours", TRITON, False, 0),
+    Setting("ours torch", "ours", KernelChoice("sdpa", "torch", "torch"), False, 0),
+    Setting("ours triton attention", "ours", KernelChoice("triton", "torch", "torch"), False, 2),
+    Setting("ours triton layernorm", "ours", KernelChoice("sdpa", "triton", "torch"), False, 2),
+    Setting("ours triton gelu", "ours", KernelChoice("sdpa", "torch", "triton"), False, 2),
+    Setting("timm eager", "timm", None, False, 0),
+    Setting("ours triton compiled", "ours", TRITON, True, 1),  # slow to compile: late
+    Setting("timm compiled", "timm", None, True, 1),
+]
+BASELINE = "timm eager"
+
+
+@dataclass
+class Run:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: fp32, no autocast
+    steps: int
+    warmup: int
+    compile_backend: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # model shape changes (smoke)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
+
+
+def train_flops_per_image(name: str, overrides: dict[str, Any]) -> float:
+    """The module docstring's count, read off the model's shapes (built on the meta device)."""
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    c, p = model.embed_dim, model.patch_size
+    patches = model.grid**2
+    tokens = patches + model.num_prefix_tokens
+    hidden = model.blocks[0].mlp.fc1.out_features
+    heads = 2 if model.distilled else 1
+    patch_embed = 2 * patches * 3 * p * p * c
+    blocks = len(model.blocks) * (2 * tokens * c * (4 * c + 2 * hidden) + 4 * tokens**2 * c)
+    forward = patch_embed + blocks + 2 * c * model.num_classes * heads
+    return 3 * forward - patch_embed
+
+
+def _build(setting: Setting, name: str, run: Run) -> nn.Module:
+    if setting.source == "ours":
+        model = create_model(name, kernels=setting.kernels, drop_path_rate=DROP_PATH,
+                             **run.overrides)
+    else:
+        import timm
+
+        model = timm.create_model(name, pretrained=False, drop_path_rate=DROP_PATH,
+                                  **run.overrides)
+        if not all(block.attn.fused_attn for block in model.blocks):
+            raise RuntimeError("timm's fused_attn is off (is TIMM_FUSED_ATTN set?)")
+    return model.to(run.device)
+
+
+def _train_step(model: nn.Module, setting: Setting, batch: int, run: Run) -> Callable[[], None]:
+    """The trainer's step on fixed random data: forward, loss, backward, AdamW, EMA."""
+    optim_cfg = OptimConfig()
+    optimizer = build_optimizer(model, optim_cfg, scaled_lr(optim_cfg, batch), run.device)
+    ema = ModelEma(model, EMA_DECAY)
+    forward = torch.compile(model, backend=run.compile_backend) if setting.compiled else model
+    size = run.overrides.get("img_size", 224)  # every benchmarked model is a 224 px one
+    images = torch.randn(batch, 3, size, size, device=run.device)
+    classes = model.head.out_features
+    labels = torch.randint(0, classes, (batch,), device=run.device)
+    targets = F.one_hot(labels, classes).float() * 0.9 + 0.1 / classes  # label smoothing 0.1
+
+    def step() -> None:
+        with run.autocast():
+            loss = soft_target_cross_entropy(forward(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update()
+
+    return step
+
+
+def _step_times_ms(step: Callable[[], None], run: Run) -> list[float]:
+    for _ in range(run.warmup):  # the first steps also compile and autotune
+        step()
+    if run.device.type != "cuda":
+        times = []
+        for _ in range(run.steps):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(run.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def _measure(setting: Setting, model_key: str, batch: int, run: Run) -> dict[str, Any]:
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    model = _build(setting, MODELS[model_key], run)
+    step_ms = statistics.median(_step_times_ms(_train_step(model, setting, batch, run), run))
+    peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" \
+        else None
+    return {"step_ms": step_ms, "img_per_s": batch / step_ms * 1e3, "peak_mem_gib": peak}
+
+
+def _describe(setting: Setting) -> str:
+    if setting.kernels is None:
+        return "timm VisionTransformer, fused_attn (SDPA)"
+    k = setting.kernels
+    return f"attention={k.attention} layernorm={k.layernorm} gelu={k.gelu}"
+
+
+def blank_row(setting: Setting, model_key: str, batch: int, status: str) -> dict[str, Any]:
+    """A CSV row with no measurement yet."""
+    return {
+        "model": LABELS.get(model_key, model_key), "setting": setting.name,
+        "source": setting.source, "kernels": _describe(setting), "compiled": setting.compiled,
+        "batch": batch, "img_per_s": "", "step_ms": "", "mfu": "", "peak_mem_gib": "",
+        "speedup_vs_timm_eager": "", "status": status,
+    }
+
+
+def measure_row(setting: Setting, model_key: str, batch: int, run: Run, flops: float,
+                peak_tflops: float) -> dict[str, Any]:
+    """One CSV row; a failure (OOM, compile error...) is recorded in `status`, not raised."""
+    row = blank_row(setting, model_key, batch, "ok")
+    try:
+        result = _measure(setting, model_key, batch, run)
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as err:  # any failing row is reported in the table, not fatal
+        row["status"] = f"error: {type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"
+    else:
+        row.update(img_per_s=round(result["img_per_s"], 1), step_ms=round(result["step_ms"], 3),
+                   mfu=round(flops * result["img_per_s"] / (peak_tflops * 1e12), 4))
+        if result["peak_mem_gib"] is not None:
+            row["peak_mem_gib"] = round(result["peak_mem_gib"], 2)
+    finally:
+        if setting.compiled:
+            torch._dynamo.reset()  # frees compiled graphs; the next model is another shape
+        gc.collect()
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{row['model']:<8}{row['setting']:<24}batch {batch:<6}{row['img_per_s']!s:>10} img/s"
+          f"  {row['status']}", flush=True)
+    return row
+
+
+def matmul_peak_tflops(run: Run, smoke: bool) -> float:
+    """A large bf16 matmul (fp32 and small in smoke mode), timed like the steps."""
+    n = 256 if smoke else 8192
+    dtype = torch.float32 if smoke else torch.bfloat16
+    a = torch.randn(n, n, device=run.device, dtype=dtype)
+    b = torch.randn(n, n, device=run.device, dtype=dtype)
+    timing = Run(run.device, None, steps=20, warmup=5, compile_backend=run.compile_backend)
+    ms = statistics.median(_step_times_ms(lambda: a @ b, timing))
+    return 2 * n**3 / ms / 1e9
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    base = {(r["model"], r["batch"]): r["img_per_s"] for r in rows
+            if r["setting"] == BASELINE and r["status"] == "ok"}
+    for r in rows:
+        reference = base.get((r["model"], r["batch"]))
+        if reference and r["status"] == "ok":
+            r["speedup_vs_timm_eager"] = round(r["img_per_s"] / reference, 3)
+
+
+def targets(rows: list[dict[str, Any]], batch: int) -> list[str]:
+    """Issue 7's targets, for the best of our rows at the main batch, as PASS/MISS lines."""
+    ok = {(r["model"], r["setting"]): r["img_per_s"] for r in rows
+          if r["status"] == "ok" and r["batch"] == batch}
+    lines = []
+
+    def check(passed: bool, text: str) -> None:
+        lines.append(f"{'PASS' if passed else 'MISS'} {text}")
+
+    for model, floor in (("DeiT-S", 10_000), ("DeiT-B", 3_000)):
+        ours = {s: v for (m, s), v in ok.items() if m == model and s.startswith("ours")}
+        if not ours:
+            continue
+        best_setting = max(ours, key=ours.get)
+        best = ours[best_setting]
+        check(best >= floor, f"{model} {best:.0f} img/s ({best_setting}), target {floor}")
+        if model != "DeiT-S":
+            continue
+        for baseline, ratio in ((BASELINE, 1.3), ("timm compiled", 1.05)):
+            if (model, baseline) in ok:
+                speedup = best / ok[(model, baseline)]
+                check(speedup >= ratio, f"{model} {speedup:.2f}x {baseline} ({best_setting}), "
+                      f"target {ratio}x")
+    return lines
+
+
+def table(rows: list[dict[str, Any]], models: list[str]) -> str:
+    order = {LABELS.get(m, m): i for i, m in enumerate(models)}
+    settings = {s.name: i for i, s in enumerate(SETTINGS)}
+    rows = sorted(rows, key=lambda r: (order.get(r["model"], 99), settings[r["setting"]],
+                                       r["batch"]))
+    header = (f"{'model':<8}{'setting':<24}{'batch':>6}{'img/s':>10}{'step ms':>9}{'MFU':>7}"
+              f"{'peak GiB':>9}{'vs timm':>8}  status")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] != "" else ""
+        speedup = f"{r['speedup_vs_timm_eager']:.2f}x" if r["speedup_vs_timm_eager"] else ""
+        lines.append(f"{r['model']:<8}{r['setting']:<24}{r['batch']:>6}{r['img_per_s']!s:>10}"
+                     f"{r['step_ms']!s:>9}{mfu:>7}{r['peak_mem_gib']!s:>9}{speedup:>8}  "
+                     f"{r['status']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], batch: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["batch"] == batch]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    names = [s.name for s in SETTINGS if any(r["setting"] == s.name for r in rows)]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(8, 3 * len(models)), 5))
+    for i, name in enumerate(names):
+        values = [next((r["img_per_s"] for r in rows if r["model"] == m and r["setting"] == name
+                        and r["status"] == "ok"), 0) for m in models]
+        ax.bar([g + i * width for g in range(len(models))], values, width, label=name)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(models))], models)
+    ax.set_ylabel(f"training images/s at batch {batch} (0: failed or not run)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    add_speedups(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,small,base",
+                        help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--batch", type=int, default=256, help="images per step (per GPU)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per row first")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="also double the batch of 'ours triton' and 'timm eager' "
+                             "until it no longer fits")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no row after this many seconds (later rows are recorded "
+                             "as skipped)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a one-block model at 32 px on the CPU, Triton interpreted (CI)")
+    parser.add_argument("--out", type=Path, default=_HERE / "results",
+                        help="folder for the CSV, JSON and PNG (default: benchmarks/results)")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        parser.error(f"--models: {unknown or 'none given'}; accepted: {', '.join(MODELS)}")
+    return args
+
+
+def _run_rows(args: argparse.Namespace, run: Run, flops: dict[str, float], peak: float,
+              csv_path: Path) -> list[dict[str, Any]]:
+    """Every row of the run, the CSV rewritten after each one."""
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+
+    def row(setting: Setting, model_key: str, batch: int) -> str:
+        if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+            result = blank_row(setting, model_key, batch,
+                               f"skipped: time budget (--budget-s {args.budget_s:g})")
+        elif setting.compiled and setting.kernels and run.device.type != "cuda":
+            result = blank_row(setting, model_key, batch, "skipped: torch.compile cannot trace "
+                               "interpreted Triton ops (the gpu tests cover it)")
+        else:
+            result = measure_row(setting, model_key, batch, run, flops[model_key], peak)
+        rows.append(result)
+        write_csv(rows, csv_path)
+        return result["status"]
+
+    # The rows the targets need for every model, then the compiled ones, then the per-op
+    # diagnostics; within a priority, models in the order given.
+    plan = [(s, m) for s in SETTINGS for m in args.models]
+    for setting, model_key in sorted(plan, key=lambda p: (p[0].priority,
+                                                          args.models.index(p[1]))):
+        row(setting, model_key, args.batch)
+    if args.max_batch:
+        limit = 8 if args.smoke else MAX_BATCH  # a CPU never runs out of memory in time
+        for model_key in args.models:
+            for setting in (s for s in SETTINGS if s.name in ("ours triton", BASELINE)):
+                batch = 2 * args.batch
+                while row(setting, model_key, batch) == "ok" and batch < limit:
+                    batch *= 2
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        if not args.smoke:
+            print("benchmarks/step.py: no CUDA GPU; use --smoke to run a tiny model on the CPU "
+                  "under the Triton interpreter", file=sys.stderr)
+            return 2
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
+    import timm  # imports triton, so only now
+    import triton
+
+    device = torch.device("cuda" if on_cuda else "cpu")
+    if args.smoke:
+        run = Run(device, None, steps=1, warmup=1, compile_backend="eager",
+                  overrides={"img_size": 32, "depth": 1})
+        args.models, args.batch = args.models[:1], 2
+    else:
+        run = Run(device, torch.bfloat16, args.steps, args.warmup, "inductor")
+    name = _device_name(device)
+    peak = matmul_peak_tflops(run, args.smoke)
+    flops = {m: train_flops_per_image(MODELS[m], run.overrides) for m in args.models}
+    meta = {
+        "device": name, "torch": torch.__version__, "triton": triton.__version__,
+        "timm": timm.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python benchmarks/step.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "precision": "bf16 autocast" if run.amp_dtype else "fp32",
+        "batch": args.batch, "steps": run.steps, "warmup": run.warmup,
+        "compile_backend": run.compile_backend, "model_overrides": run.overrides,
+        "peak_matmul_tflops": float(f"{peak:.4g}"),
+        "train_flops_per_image": {LABELS[m]: flops[m] for m in args.models},
+    }
+    header = (f"{name} | torch {torch.__version__} | triton {triton.__version__} | timm "
+              f"{timm.__version__} | {meta['precision']} | batch {args.batch} | matmul peak "
+              f"{peak:.3g} TFLOP/s | {meta['date']}")
+    print(header, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    stem = args.out / f"step_{slug}"
+    sidecar = Path(f"{stem}.json")
+    sidecar.write_text(json.dumps(meta, indent=2) + "\n")  # now too: a killed run keeps it
+    rows = _run_rows(args, run, flops, peak, Path(f"{stem}.csv"))
+
+    meta["targets"] = [] if args.smoke else targets(rows, args.batch)
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot(rows, args.batch, Path(f"{stem}.png"),
+             f"deit-fast training step on {name}, {meta['date']}")
+        meta["png"] = f"{stem.name}.png"
+    else:
+        meta["png"] = "not written: matplotlib is not installed"
+    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {stem}.csv, {sidecar.name}, png: {meta['png']}")
+    for line in meta["targets"]:
+        print(line)
+    print(header)
+    print(table(rows, args.models))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
