@@ -17,7 +17,6 @@ the file marked bad, so a run loses nothing but that image.
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -34,6 +33,7 @@ from data_pipeline.dataset import (
     probe_image,
     read_or_replace,
     read_rgb,
+    warn_skipped,
 )
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
@@ -89,12 +89,6 @@ def _mark_undecodable(
     if on_bad_image == "error":
         raise BadImageError(f"cannot decode image {bad[0]}: DALI's decoder failed on it") from error
     known_bad.update(bad)
-
-
-def _warn_skipped(paths: list[str]) -> int:
-    for path in paths:
-        warnings.warn(f"skipped unreadable image (on_bad_image='skip'): {path}", stacklevel=4)
-    return len(paths)
 
 
 # ---------------------------------------------------------------- sources (worker side)
@@ -391,7 +385,7 @@ class DaliTrainLoader:
             out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
         ):
             chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
-            self.bad_images += _warn_skipped([self.index.paths[s] for s in chain[:count]])
+            self.bad_images += warn_skipped([self.index.paths[s] for s in chain[:count]])
 
     def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
         """Files of the batches DALI may have in flight from first_item on."""
@@ -490,7 +484,7 @@ class DaliValLoader:
                 continue
             valid = out["valid"].view(-1).bool()
             picks = self._mine[step * self._args[2] : (step + 1) * self._args[2]]
-            self.bad_images += _warn_skipped(
+            self.bad_images += warn_skipped(
                 [self.index.paths[picks[i]] for i in np.flatnonzero(~valid.numpy())]
             )
             step += 1

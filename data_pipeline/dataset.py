@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +27,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 class BadImageError(ValueError):
     """A file that cannot be read as an image; the message names the file."""
+
+
+def warn_skipped(messages: list[str]) -> int:
+    """Warn once per skipped unreadable image (each message names its file); returns the count."""
+    for message in messages:
+        warnings.warn(f"skipped unreadable image (data.on_bad_image=skip): {message}",
+                      stacklevel=3)
+    return len(messages)
 
 
 @dataclass

@@ -9,7 +9,6 @@ and name them whatever worker met them.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -19,7 +18,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from data_pipeline.dataset import BadImageError, DatasetIndex, read_or_replace, read_rgb
+from data_pipeline.dataset import (
+    BadImageError,
+    DatasetIndex,
+    read_or_replace,
+    read_rgb,
+    warn_skipped,
+)
 from data_pipeline.pil_augment import augment_pil
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
@@ -96,12 +101,6 @@ class _EpochKeys:
         return len(self.batches)
 
 
-def _warn_bad(messages: list[str], on_bad_image: str) -> int:
-    for message in messages:
-        warnings.warn(f"skipped unreadable image ({on_bad_image=}): {message}", stacklevel=3)
-    return len(messages)
-
-
 class TorchTrainLoader:
     """Training batches for one rank; `epoch(e, start_step)` yields `TrainBatch`es."""
 
@@ -143,7 +142,7 @@ class TorchTrainLoader:
                 views %= self.num_views
             self._keys.batches.append(list(zip(views.tolist(), samples.tolist(), repeats.tolist())))
         for out in self._loader:
-            self.bad_images += _warn_bad(out.pop("bad"), self.on_bad_image)
+            self.bad_images += warn_skipped(out.pop("bad"))
             yield self.batch_type(
                 **{k: v.to(self.device, non_blocking=True) for k, v in out.items()}
             )
@@ -212,7 +211,7 @@ class TorchValLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for out in self._loader:
-            self.bad_images += _warn_bad(out["bad"], self.on_bad_image)
+            self.bad_images += warn_skipped(out["bad"])
             if len(out["labels"]):
                 yield (
                     out["images"].to(self.device, non_blocking=True),
