@@ -220,6 +220,17 @@ class ValSource:
 # ---------------------------------------------------------------- graphs
 
 
+def _normalize(images, mean, std):
+    """uint8 HWC -> float CHW, (x / 255 - mean) / std."""
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * m for m in mean],
+        std=[255 * s for s in std],
+    )
+
+
 def _decoder_device(on_gpu: bool) -> str:
     return "mixed" if on_gpu else "cpu"
 
@@ -248,13 +259,7 @@ def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std
     ops = rand_augment_ops(size, fill)
     for layer in range(num_layers):
         images = select(ops, x["ra_op"][layer], images, param=x["ra_param"][layer])
-    images = fn.crop_mirror_normalize(
-        images,
-        dtype=types.FLOAT,
-        output_layout="CHW",
-        mean=[255 * m for m in mean],
-        std=[255 * s for s in std],
-    )
+    images = _normalize(images, mean, std)
     if x["erased"]:  # a conditional: only the erased quarter of the batch pays for the box
         box = x["erase_box"]
         images = fn.erase(images, anchor=box[0:2], shape=box[2:4], axis_names="HW", fill_value=0.0)
@@ -294,13 +299,7 @@ def val_graph(source: ValSource, size: int, mean, std, on_gpu: bool):
         normalized_anchor=False,
         normalized_shape=False,
     )
-    images = fn.crop_mirror_normalize(
-        images,
-        dtype=types.FLOAT,
-        output_layout="CHW",
-        mean=[255 * m for m in mean],
-        std=[255 * s for s in std],
-    )
+    images = _normalize(images, mean, std)
     return images, labels, valid
 
 
