@@ -49,14 +49,15 @@ def remove_stale_temporaries(folder: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a deit-fast checkpoint (weights_only) or raise with the file named."""
+    """Read a checkpoint file (weights_only: tensors and plain values) or raise naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"checkpoint {str(path)!r} is unreadable: {err}") from err
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read as a torch weights file: "
+                         f"{err}") from err
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a dict")
     return state

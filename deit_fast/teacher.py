@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deit_fast.models import MODEL_SPECS, CheckpointMismatch, create_model, load_checkpoint
+from deit_fast.models import (
+    MODEL_SPECS,
+    CheckpointMismatch,
+    create_model,
+    load_checkpoint,
+    read_state_dict,
+)
 
 
 def load_teacher(name: str, checkpoint_path: str | None, num_classes: int,
@@ -31,9 +37,7 @@ def load_teacher(name: str, checkpoint_path: str | None, num_classes: int,
             model = timm.create_model(name, pretrained=False, num_classes=num_classes)
         except RuntimeError as err:
             raise ValueError(f"distill.teacher: unknown model {name!r} ({err})") from err
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
+        state = read_state_dict(checkpoint_path)
         own = model.state_dict()
         for key, value in own.items():
             if key not in state or state[key].shape != value.shape:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deit_fast import checkpoint
 from deit_fast.models.deit import DeiT
 from deit_fast.ops import KernelChoice
 
@@ -63,16 +64,14 @@ def interpolate_pos_embed(pos_embed: Tensor, num_prefix_tokens: int, new_grid: i
     return torch.cat([prefix, grid], dim=1)
 
 
-def _read_state_dict(source: str | Path | dict[str, Any]) -> dict[str, Tensor]:
+def read_state_dict(source: str | Path | dict[str, Any]) -> dict[str, Tensor]:
+    """The state dict in a file or dict: raw, or under "model"/"state_dict"; DDP's "module."
+    prefix removed."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointMismatch(f"checkpoint {str(path)!r} cannot be read as a torch "
-                                     f"weights file: {err}") from err
+            source = checkpoint.load(source)
+        except ValueError as err:
+            raise CheckpointMismatch(str(err)) from err
     if not isinstance(source, dict):
         raise CheckpointMismatch(f"checkpoint holds a {type(source).__name__}, not a state dict")
     for key in ("model", "state_dict"):  # official DeiT and deit-fast store it under "model"
@@ -90,7 +89,7 @@ def load_checkpoint(model: DeiT, source: str | Path | dict[str, Any],
     does not fit raises CheckpointMismatch naming it; with new_head=True, class heads of
     another size are left at their fresh initialisation instead (fine-tuning to new classes).
     """
-    state = _read_state_dict(source)
+    state = read_state_dict(source)
     own = model.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         theirs = state["pos_embed"]
@@ -117,4 +116,4 @@ def load_checkpoint(model: DeiT, source: str | Path | dict[str, Any],
 
 
 __all__ = ["MODEL_SPECS", "CheckpointMismatch", "DeiT", "create_model", "interpolate_pos_embed",
-           "load_checkpoint"]
+           "load_checkpoint", "read_state_dict"]
