@@ -69,9 +69,10 @@ def _placeholder_jpeg() -> np.ndarray:
 def _read_probe(path: str, known_bad: frozenset[str]) -> tuple[np.ndarray, int, int]:
     if path in known_bad:
         raise BadImageError(f"cannot decode image {path}: DALI failed to decode it")
-    data = np.fromfile(path, dtype=np.uint8)
-    height, width = probe_image(data.tobytes(), path)
-    return data, height, width
+    with open(path, "rb") as f:
+        data = f.read()
+    height, width = probe_image(data, path)
+    return np.frombuffer(data, np.uint8), height, width
 
 
 def _mark_undecodable(

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import DatasetIndex, check_dataset
+from data_pipeline import BadImageError, DatasetIndex, check_dataset
+from data_pipeline.dataset import jpeg_size, probe_image
 
 
 def _jpeg(path, size=(40, 30), mode="RGB", seed=0):
@@ -109,3 +110,37 @@ def test_check_dataset_lists_bad_files_and_empty_folders(tmp_path, full_decode):
 def test_check_dataset_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset folder not found: .*nowhere"):
         check_dataset(str(tmp_path / "nowhere"))
+
+
+def _encoded(size, mode="RGB", **save):
+    rng = np.random.default_rng(size[0] * 1000 + size[1])
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def test_jpeg_size_reads_the_frame_header_as_pil_does():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the header's size is still the stored one
+    variants = [
+        _encoded((197, 1)),
+        _encoded((1, 198), mode="L"),
+        _encoded((333, 250), mode="CMYK"),
+        _encoded((500, 375), progressive=True),
+        _encoded((64, 48), exif=exif.tobytes(), icc_profile=b"\0" * 3000),
+        _encoded((65, 47), quality=95, subsampling=0, restart_marker_blocks=1),
+    ]
+    for data in variants:
+        with Image.open(io.BytesIO(data)) as img:
+            assert jpeg_size(data) == img.size[::-1]
+            assert probe_image(data, "x.jpg") == img.size[::-1]
+    png = io.BytesIO()
+    Image.new("RGB", (9, 7)).save(png, "PNG")
+    assert jpeg_size(png.getvalue()) is None  # PIL takes over
+    assert probe_image(png.getvalue(), "x.png") == (7, 9)
+    data = variants[3]
+    for cut in np.random.default_rng().integers(0, 700, 200).tolist():  # header cut anywhere
+        assert jpeg_size(data[:cut]) in (None, (375, 500))
+    with pytest.raises(BadImageError, match="cannot decode image cut.jpg: not a readable"):
+        probe_image(data[:100], "cut.jpg")
