@@ -173,9 +173,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         teacher = self.teacher_targets(batch) if self.teacher_targets else None
-        # Labels and teacher targets are mixed with the same lambda and permutation.
-        images, targets, teacher = self.mix(batch.images, batch.labels,
-                                            key=(self.epoch, self.step_in_epoch), extra=teacher)
+        # Labels and teacher targets are mixed with the same lambda and permutation; each
+        # rank draws its own, as timm's per-process Mixup does.
+        key = (self.epoch, self.step_in_epoch, self.dist.rank)
+        images, targets, teacher = self.mix(batch.images, batch.labels, key=key, extra=teacher)
         with self.autocast():
             outputs = self.forward(images)
             loss = self.criterion(images, outputs, targets, teacher)

@@ -11,6 +11,7 @@ from PIL import Image
 from data_pipeline import Mixup
 from deit_fast import checkpoint
 from deit_fast.config import load_config
+from deit_fast.distributed import Distributed
 from deit_fast.ema import ModelEma
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
@@ -92,6 +93,31 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
     losses = [r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
     assert len(losses) == 12
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_each_rank_draws_its_own_mixup(tmp_path):
+    """The mixup key holds the rank: ranks mix with their own lambda and permutation."""
+    cfg = load_config(None, ["model.name=deit_micro_patch4_32", "train.progress=false",
+                             "train.precision=fp32", "train.ema=false", "data.batch_size=16",
+                             f"train.output_dir={tmp_path}"])
+    images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % 4
+    drawn = {}
+
+    class Recording(Mixup):
+        def __call__(self, images, labels, key, extra=None):
+            drawn[rank] = (key, self.draw(key, 32, 32, len(images)))
+            return super().__call__(images, labels, key, extra)
+
+    for rank in (0, 1):
+        model = create_model(cfg.model.name, num_classes=4, depth=1)
+        trainer = Trainer(cfg, model, TensorLoader(images, labels, 16), None,
+                          DistillationLoss(), Recording(num_classes=4), torch.device("cpu"),
+                          tmp_path / str(rank), dist=Distributed(rank=rank))
+        trainer.train_step(next(trainer.train_loader.epoch(0)))
+        trainer.close()
+    (key0, (lam0, _, perm0)), (key1, (lam1, _, perm1)) = drawn[0], drawn[1]
+    assert key0[:-1] == key1[:-1] and key0 != key1
+    assert lam0 != lam1 and not np.array_equal(perm0, perm1)
 
 
 def write_tiny_imagefolder(root: Path, classes: int = 3, per_class: int = 10, size: int = 40):
