@@ -236,8 +236,8 @@ def _decoder_device(on_gpu: bool) -> str:
     return "mixed" if on_gpu else "cpu"
 
 
-@pipeline_def(enable_conditionals=True)
-def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std, on_gpu: bool):
+def train_inputs(source: TrainSource) -> dict:
+    """The source's outputs as graph nodes, by name."""
     nodes = fn.external_source(
         source,
         num_outputs=len(source.outputs),
@@ -246,8 +246,12 @@ def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std
         parallel=True,
         layout=["CHW" if n == "noise" else None for n in source.outputs],
     )
-    x = dict(zip(source.outputs, nodes))
-    images = fn.decoders.image_slice(
+    return dict(zip(source.outputs, nodes))
+
+
+def decode_crop(x: dict, on_gpu: bool):
+    """The plan's crop window, decoded alone (ROI decode), uint8 HWC."""
+    return fn.decoders.image_slice(
         x["encoded"],
         x["crop_anchor"],
         x["crop_shape"],
@@ -255,12 +259,21 @@ def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std
         output_type=types.RGB,
         adjust_orientation=False,
     )
-    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
-    images = fn.flip(images, horizontal=x["flip"])
+
+
+def resize_square(images, size: int):
+    return fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+
+
+def rand_augment(images, x: dict, num_layers: int, size: int, fill):
     ops = rand_augment_ops(size, fill)
     for layer in range(num_layers):
         images = select(ops, x["ra_op"][layer], images, param=x["ra_param"][layer])
-    images = _normalize(images, mean, std)
+    return images
+
+
+def erase(images, x: dict, size: int, on_gpu: bool):
+    """Random erasing with the plan's noise, on the normalized CHW images that have a box."""
     if x["erased"]:  # a conditional: only the erased quarter of the batch pays for the box
         box = x["erase_box"]
         images = fn.erase(images, anchor=box[0:2], shape=box[2:4], axis_names="HW", fill_value=0.0)
@@ -274,6 +287,16 @@ def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std
             normalized_shape=False,
         )
         images = images + (noise.gpu() if on_gpu else noise)
+    return images
+
+
+@pipeline_def(enable_conditionals=True)
+def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std, on_gpu: bool):
+    x = train_inputs(source)
+    images = resize_square(decode_crop(x, on_gpu), size)
+    images = fn.flip(images, horizontal=x["flip"])
+    images = rand_augment(images, x, num_layers, size, fill)
+    images = erase(_normalize(images, mean, std), x, size, on_gpu)
     return (images, *(x[name] for name in _TRAIN_OUTPUTS[1:]))
 
 
