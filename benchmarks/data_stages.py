@@ -172,7 +172,7 @@ def pil_stages(index, inputs: Inputs, args) -> dict[str, float]:
                 inputs.resized[i % args.batch_size], op, param, params.fill
             )
         )
-    views = TrainViews(index, inputs.plan, "skip")
+    views = TrainViews(index, inputs.plan, "skip", finish_in_worker=True)
     keys = [(0, i % len(index), 0) for i in range(count)]
     steps["whole pipeline"] = lambda: views.__getitems__(keys)
     return {

@@ -35,18 +35,57 @@ def _batch_as_is(batch):
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 normalized."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
+    """uint8 [..., 3, H, W] -> float32 normalized, on the images' device (in place after the
+    conversion: a batch-sized temporary less)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255
+    return images.float().sub_(mean_t).div_(std_t)
+
+
+def erase(images: torch.Tensor, boxes: list[list[int]], noise: torch.Tensor) -> torch.Tensor:
+    """Fill each sample's erasing box (top, left, height, width; height 0: none) in place;
+    `noise` holds the boxes' values one after another, each in (channel, row, column) order."""
+    offset = 0
+    for i, (top, left, height, width) in enumerate(boxes):
+        if height:
+            size = 3 * height * width
+            box = noise[offset : offset + size].view(3, height, width)
+            images[i, :, top : top + height, left : left + width] = box
+            offset += size
+    return images
+
+
+def finish(out: dict, device: torch.device, mean, std) -> torch.Tensor:
+    """A worker's batch as float images on `device`: its uint8 images normalized and erased
+    there, or, where the worker has done that already (float images), just moved."""
+    images = out["images"].to(device, non_blocking=True)
+    if images.is_floating_point():
+        return images
+    images = normalize(images, mean, std)
+    if "erase_boxes" not in out:  # validation batches
+        return images
+    noise = out["erase_noise"].to(device, non_blocking=True)
+    return erase(images, out["erase_boxes"].tolist(), noise)
 
 
 class TrainViews(Dataset):
-    """Map-style dataset whose items are batches of (view, sample, repeat) keys."""
+    """Map-style dataset whose items are batches of (view, sample, repeat) keys.
 
-    def __init__(self, index: DatasetIndex, plan: AugmentationPlan, on_bad_image: str) -> None:
+    Batches hold uint8 images, erasing boxes and their noise, which `finish` turns into
+    float images on the training device. For a GPU the main process does that (a quarter
+    of the bytes between processes and to the GPU, no float work in the workers); for the
+    CPU the workers do it (`finish_in_worker`), beside the training step.
+    """
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        plan: AugmentationPlan,
+        on_bad_image: str,
+        finish_in_worker: bool = False,
+    ) -> None:
         self.paths, self.labels = index.paths, index.labels
-        self.plan, self.on_bad_image = plan, on_bad_image
+        self.plan, self.on_bad_image, self.finish_in_worker = plan, on_bad_image, finish_in_worker
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -68,24 +107,29 @@ class TrainViews(Dataset):
         widths, heights = zip(*(img.size for img in images))
         d = self.plan.draw(views, samples, heights, widths)
         p = self.plan.params
-        out = torch.empty(len(keys), 3, p.image_size, p.image_size)
+        out = torch.empty(len(keys), 3, p.image_size, p.image_size, dtype=torch.uint8)
+        noise = []
         for i, img in enumerate(images):
-            pixels = augment_pil(
+            out[i] = augment_pil(
                 img, d.crop[i], d.flip[i], d.ra_op[i], d.ra_param[i], p.image_size, p.fill
             )
-            out[i] = normalize(pixels, p.mean, p.std)
-            top, left, h, w = d.erase[i].tolist()
+            _, _, h, w = d.erase[i].tolist()
             if h:
-                noise = self.plan.erase_noise(int(views[i]), int(samples[i]), h, w)
-                out[i, :, top : top + h, left : left + w] = torch.from_numpy(noise)
-        return {
+                box = self.plan.erase_noise(int(views[i]), int(samples[i]), h, w)
+                noise.append(torch.from_numpy(np.ascontiguousarray(box)).view(-1))
+        batch = {
             "images": out,
+            "erase_boxes": torch.from_numpy(d.erase.astype(np.int64)),
+            "erase_noise": torch.cat(noise) if noise else torch.empty(0),
             "labels": torch.from_numpy(self.labels[samples]),
             "samples": torch.from_numpy(samples),
             "repeats": torch.tensor([k[2] for k in keys], dtype=torch.int64),
             "views": torch.from_numpy(views),
             "bad": bad,
         }
+        if self.finish_in_worker:
+            batch["images"] = finish(batch, torch.device("cpu"), p.mean, p.std)
+        return batch
 
 
 class _EpochKeys:
@@ -120,7 +164,7 @@ class TorchTrainLoader:
         self.bad_images = 0
         self._keys = _EpochKeys()
         self._loader = DataLoader(
-            TrainViews(index, plan, on_bad_image),
+            TrainViews(index, plan, on_bad_image, finish_in_worker=device.type != "cuda"),
             batch_sampler=self._keys,
             num_workers=num_workers,
             collate_fn=_batch_as_is,
@@ -142,14 +186,19 @@ class TorchTrainLoader:
                 views %= self.num_views
             self._keys.batches.append(list(zip(views.tolist(), samples.tolist(), repeats.tolist())))
         for out in self._loader:
-            self.bad_images += warn_skipped(out.pop("bad"))
+            self.bad_images += warn_skipped(out["bad"])
+            p = self.plan.params
             yield self.batch_type(
-                **{k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+                images=finish(out, self.device, p.mean, p.std),
+                **{
+                    k: out[k].to(self.device, non_blocking=True)
+                    for k in ("labels", "samples", "repeats", "views")
+                },
             )
 
 
 class ValImages(Dataset):
-    """Resize the shorter side to size / crop_pct (bicubic), centre crop, normalize."""
+    """Resize the shorter side to size / crop_pct (bicubic), centre crop; uint8."""
 
     def __init__(
         self, index: DatasetIndex, image_size: int, crop_pct: float, mean, std, on_bad_image: str
@@ -174,9 +223,10 @@ class ValImages(Dataset):
             img = F.resize(img, self.resize, InterpolationMode.BICUBIC)
             images.append(F.pil_to_tensor(F.center_crop(img, self.size)))
             kept.append(i)
-        pixels = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size)
+        empty = torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+        pixels = torch.stack(images) if images else empty
         return {
-            "images": normalize(pixels, self.mean, self.std),
+            "images": pixels,  # normalized on the device by `finish`
             "labels": torch.from_numpy(self.labels[kept]),
             "bad": bad,
         }
@@ -197,6 +247,7 @@ class TorchValLoader:
         mine = list(range(rank, len(dataset), world_size))
         self._batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
         self.device, self.on_bad_image, self.bad_images = device, dataset.on_bad_image, 0
+        self.mean, self.std = dataset.mean, dataset.std
         self._loader = DataLoader(
             dataset,
             batch_sampler=self._batches,
@@ -214,6 +265,6 @@ class TorchValLoader:
             self.bad_images += warn_skipped(out["bad"])
             if len(out["labels"]):
                 yield (
-                    out["images"].to(self.device, non_blocking=True),
+                    finish(out, self.device, self.mean, self.std),
                     out["labels"].to(self.device, non_blocking=True),
                 )

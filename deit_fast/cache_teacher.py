@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data_pipeline.dataset import DatasetIndex
 from data_pipeline.plan import AugmentationPlan, PlanParams
 from data_pipeline.teacher_cache import ShardWriter, manifest_header, sha256_file
-from data_pipeline.torch_loader import TrainViews
+from data_pipeline.torch_loader import TrainViews, finish
 from deit_fast.config import Config, ConfigError
 from deit_fast.run import data_root, plan_params, resolve_device
 from deit_fast.teacher import load_teacher
@@ -69,7 +69,7 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
     writer = ShardWriter(d.cache_dir, cache_header(cfg, index, sha256_file(d.teacher_checkpoint)))
     teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device)
     dataset = TrainViews(index, AugmentationPlan(plan_params(cfg), cfg.train.seed),
-                         cfg.data.on_bad_image)
+                         cfg.data.on_bad_image, finish_in_worker=device.type != "cuda")
     todo = [s for s in writer.layout.shards()[rank::world_size] if not writer.is_complete(s)]
     step = cfg.data.eval_batch_size
     batches = [[(s.view, i, 0) for i in range(first, min(first + step, s.first_sample + s.count))]
@@ -88,8 +88,9 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
                 out = next(batch_iter)
                 for message in out["bad"]:  # the replacement's view is cached, as trained on
                     warnings.warn(f"skipped unreadable image: {message}", stacklevel=2)
+                images = finish(out, device, dataset.plan.params.mean, dataset.plan.params.std)
                 with autocast:
-                    logits = teacher(out["images"].to(device, non_blocking=True))
+                    logits = teacher(images)
                 top = torch.log_softmax(logits.float(), dim=-1).topk(d.topk, dim=-1)
                 values.append(top.values.cpu().numpy())
                 indices.append(top.indices.cpu().numpy())

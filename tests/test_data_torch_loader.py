@@ -18,6 +18,7 @@ from data_pipeline import (
     build_train_loader,
     build_val_loader,
 )
+from data_pipeline.torch_loader import TrainViews, erase, finish
 
 SIZE = 48
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "hubble_deep_field")
@@ -208,3 +209,35 @@ def test_val_drops_bad_files(bad_tree):
         labels = [y for _, ys in val for y in ys.tolist()]
     assert len(labels) == len(index) - 3 and val.bad_images == len(caught) == 3
     assert all(name in " ".join(str(w.message) for w in caught) for name in BAD)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_erase_fills_each_box_with_its_own_noise(batch):
+    """Against slicing each box by hand: boxes at the edges, 1x1, the whole image, and
+    samples without a box (height 0)."""
+    rng = np.random.default_rng()
+    height, width = 13, 11
+    images = torch.randn(batch, 3, height, width)
+    choices = [(0, 0, height, width), (12, 10, 1, 1), (0, 0, 0, 0), (3, 0, 5, 11), (0, 4, 13, 2)]
+    boxes = torch.tensor([choices[k] for k in rng.permutation(len(choices))[:batch]])
+    noise = [torch.randn(3, h, w) for _, _, h, w in boxes.tolist()]
+    expected = images.clone()
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        expected[i, :, top : top + h, left : left + w] = noise[i]
+    flat = torch.cat([n.reshape(-1) for n in noise])
+    assert torch.equal(erase(images, boxes.tolist(), flat), expected)
+
+
+def test_worker_and_main_process_finish_alike(photo_tree):
+    """A GPU run normalizes and erases in the main process, a CPU run in the workers: the
+    same images either way (here both on the CPU)."""
+    index = DatasetIndex.from_folder(str(photo_tree))
+    params = PlanParams(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
+    plan = AugmentationPlan(params, seed=int(np.random.default_rng().integers(1000)))
+    keys = [(view, sample, 0) for view in (0, 1) for sample in range(len(index))]
+    raw = TrainViews(index, plan, "skip").__getitems__(keys)
+    done = TrainViews(index, plan, "skip", finish_in_worker=True).__getitems__(keys)
+    assert raw["images"].dtype == torch.uint8 and 0 < raw["erase_boxes"][:, 2].count_nonzero()
+    finished = finish(raw, torch.device("cpu"), params.mean, params.std)
+    assert torch.equal(finished, done["images"])
+    assert torch.equal(finish(done, torch.device("cpu"), params.mean, params.std), finished)
