@@ -35,11 +35,12 @@ def _batch_as_is(batch):
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 normalized, on the images' device (in place after the
-    conversion: a batch-sized temporary less)."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255
-    return images.float().sub_(mean_t).div_(std_t)
+    """uint8 [..., 3, H, W] -> float32 normalized, on the images' device. In place after the
+    conversion, and with Python scalars: no mean/std tensor to copy to the GPU each batch."""
+    images = images.float()
+    for c in range(3):
+        images[..., c, :, :].sub_(255 * mean[c]).div_(255 * std[c])
+    return images
 
 
 def erase(images: torch.Tensor, boxes: list[list[int]], noise: torch.Tensor) -> torch.Tensor:
