@@ -196,6 +196,16 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(row[k]).ljust(w) for k, w in zip(keys, widths)))
 
 
+def report(rows: list[dict], csv_path: str, unit: str = "") -> None:
+    """Write rows as CSV, then print the machine line and the table (last, for logs)."""
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"# {machine()}, {time.strftime('%Y-%m-%d')}{unit}")
+    print_table(rows)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--what", choices=("loaders", "index"), default="loaders")
@@ -221,12 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if not args.data_path:
                 make_imagenet_like(root, args.images)
             rows = bench_loaders(DatasetIndex.from_folder(root, "train"), args)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"# {machine()}, {time.strftime('%Y-%m-%d')}")
-    print_table(rows)
+    report(rows, args.csv)
     return rows
 
 

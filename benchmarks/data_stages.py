@@ -16,7 +16,6 @@ reported, as a busy machine only ever adds time.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import os
 import sys
@@ -33,7 +32,7 @@ from torchvision.transforms import InterpolationMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from data import cpu_seconds, machine, make_imagenet_like, print_table  # noqa: E402
+from data import cpu_seconds, make_imagenet_like, report  # noqa: E402
 
 from data_pipeline import DatasetIndex, PlanParams  # noqa: E402
 from data_pipeline.dataset import probe_image  # noqa: E402
@@ -212,12 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
          "dali/pil": round(dali[name] / pil[name], 2) if pil[name] >= 0.05 else "-"}
         for name in pil
     ]
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"# {machine()}, {time.strftime('%Y-%m-%d')}, CPU ms per image")
-    print_table(rows)
+    report(rows, args.csv, ", CPU ms per image")
     return rows
 
 
