@@ -34,3 +34,14 @@ def poisoned_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
+@pytest.fixture
+def kernel_device():
+    """Where the Triton kernels run here: CPU tensors under the interpreter, else the GPU.
+    Tensors the test creates land there."""
+    from kernels import triton_runnable
+
+    device = "cpu" if triton_runnable("cpu")[0] else "cuda"
+    with torch.device(device):
+        yield device

@@ -5,22 +5,14 @@ import torch
 
 from kernels import attention, attention_reference, triton_runnable
 
-# Interpreted on CPU tensors where TRITON_INTERPRET=1 (tests/conftest.py), else on the GPU.
-DEVICE = "cpu" if triton_runnable("cpu")[0] else "cuda"
-
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},
     torch.float16: {"atol": 2e-3, "rtol": 2e-3},
 }
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
-
-
-@pytest.fixture(autouse=True)
-def on_kernel_device():
-    with torch.device(DEVICE):
-        yield
+# on CPU tensors under the Triton interpreter (tests/conftest.py), else on the GPU
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "kernel_device")
 
 
 def _check_against_reference(qkv: torch.Tensor, num_heads: int, dout: torch.Tensor,
@@ -95,7 +87,7 @@ def test_registered_op_schema_and_autograd() -> None:
     assert set(result.values()) == {"SUCCESS"}
 
 
-def test_triton_runnable_says_why_not() -> None:
-    assert triton_runnable(DEVICE) == (True, "")
+def test_triton_runnable_says_why_not(kernel_device: str) -> None:
+    assert triton_runnable(kernel_device) == (True, "")
     runnable, why = triton_runnable("meta")
     assert not runnable and "meta" in why

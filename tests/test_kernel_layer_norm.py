@@ -3,10 +3,7 @@
 import pytest
 import torch
 
-from kernels import layer_norm, layer_norm_reference, triton_runnable
-
-# Interpreted on CPU tensors where TRITON_INTERPRET=1 (tests/conftest.py), else on the GPU.
-DEVICE = "cpu" if triton_runnable("cpu")[0] else "cuda"
+from kernels import layer_norm, layer_norm_reference
 
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -14,13 +11,8 @@ TOLERANCE = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
-
-
-@pytest.fixture(autouse=True)
-def on_kernel_device():
-    with torch.device(DEVICE):
-        yield
+# on CPU tensors under the Triton interpreter (tests/conftest.py), else on the GPU
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "kernel_device")
 
 
 def _run(op, x, weight, bias, residual):
