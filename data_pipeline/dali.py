@@ -1,7 +1,7 @@
 """DALI pipelines: the plan applied by one graph that runs on the GPU or, for tests, the CPU.
 
-Train: parallel `external_source` workers read file bytes, parse the header for the image
-size, draw the plan for the batch (vectorised) and feed it -> ROI decode
+Train: parallel `external_source` workers (dali_source.py) read file bytes, parse the
+header for the image size, draw the plan for the batch (vectorised) and feed it -> ROI decode
 (`decoders.image_slice`, device "mixed" on a GPU) -> cubic resize -> flip -> RandAugment
 (`auto_aug.core.select` on the plan's op indices) -> normalize -> erase. DALI's erase
 fills constants only, so the plan's noise is fed as a box and padded into place with
@@ -16,7 +16,6 @@ the file marked bad, so a run loses nothing but that image.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,55 +23,15 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import select
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
-from PIL import Image
 
-from data_pipeline.dali_augment import dali_params, rand_augment_ops
-from data_pipeline.dataset import (
-    BadImageError,
-    DatasetIndex,
-    probe_image,
-    read_or_replace,
-    read_rgb,
-    warn_skipped,
-)
+from data_pipeline.dali_augment import rand_augment_ops
+from data_pipeline.dali_source import TrainSource, ValSource
+from data_pipeline.dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
 
-_SOURCE_OUTPUTS = (
-    "encoded",
-    "crop_anchor",
-    "crop_shape",
-    "flip",
-    "ra_op",
-    "ra_param",
-    "erased",
-    "erase_box",
-    "noise",
-    "labels",
-    "samples",
-    "repeats",
-    "views",
-    "requested",
-    "replaced",
-)
 _LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
 _TRAIN_OUTPUTS = ("images", "labels", "samples", "repeats", "views", "requested", "replaced")
-
-
-def _placeholder_jpeg() -> np.ndarray:
-    """A valid 8x8 JPEG that stands in for a dropped validation file (masked out later)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    return np.frombuffer(buffer.getvalue(), np.uint8)
-
-
-def _read_probe(path: str, known_bad: frozenset[str]) -> tuple[np.ndarray, int, int]:
-    if path in known_bad:
-        raise BadImageError(f"cannot decode image {path}: DALI failed to decode it")
-    with open(path, "rb") as f:
-        data = f.read()
-    height, width = probe_image(data, path)
-    return np.frombuffer(data, np.uint8), height, width
 
 
 def _mark_undecodable(
@@ -90,132 +49,6 @@ def _mark_undecodable(
     if on_bad_image == "error":
         raise BadImageError(f"cannot decode image {bad[0]}: DALI's decoder failed on it") from error
     known_bad.update(bad)
-
-
-# ---------------------------------------------------------------- sources (worker side)
-
-
-class TrainSource:
-    """Batch callback: (epoch, iteration) -> file bytes and the plan of one rank's batch."""
-
-    def __init__(
-        self,
-        index: DatasetIndex,
-        plan: AugmentationPlan,
-        sampler: RepeatedAugSampler,
-        start_epoch: int,
-        start_item: int,
-        num_views: int | None,
-        on_bad_image: str,
-        known_bad: frozenset[str],
-    ) -> None:
-        self.paths, self.labels, self.plan, self.sampler = index.paths, index.labels, plan, sampler
-        self.start_epoch, self.start_item, self.num_views = start_epoch, start_item, num_views
-        self.on_bad_image, self.known_bad = on_bad_image, known_bad
-        skipped = () if plan.params.rand_augment_config else ("ra_op", "ra_param")
-        self.outputs = [name for name in _SOURCE_OUTPUTS if name not in skipped]
-
-    def _read(self, view: int, sample: int) -> tuple[np.ndarray, int, int, int, int]:
-        """(bytes, height, width, sample read, unreadable files skipped before it)."""
-        n, seed = len(self.paths), self.plan.seed
-        replacement = lambda attempt: replacement_sample(seed, view, sample, attempt, n)
-        read = lambda path: _read_probe(path, self.known_bad)
-        (data, height, width), shown, errors = read_or_replace(
-            read, self.paths, sample, replacement, self.on_bad_image
-        )
-        return data, height, width, shown, len(errors)
-
-    def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
-        epoch = self.start_epoch + info.epoch_idx
-        start = self.start_item if info.epoch_idx == 0 else 0
-        if info.iteration >= self.sampler.num_steps(start_item=start):
-            raise StopIteration
-        first = start + info.iteration * self.sampler.items_per_step
-        requested, repeats = self.sampler.batch_at(epoch, first)
-        views = epoch * self.sampler.repeats + repeats
-        if self.num_views:
-            views %= self.num_views
-        data, heights, widths, samples, replaced = zip(
-            *(self._read(v, s) for v, s in zip(views.tolist(), requested.tolist()))
-        )
-        samples = np.asarray(samples, np.int64)
-        d = self.plan.draw(views, samples, heights, widths)
-        top, left, h, w = d.crop.T.astype(np.int32)
-        ra_param = dali_params(d.ra_op, d.ra_param)
-        noise = [  # (3, 1, 1) stands in where there is no box: every sample needs a tensor
-            self.plan.erase_noise(int(views[i]), int(samples[i]), eh, ew)
-            if eh
-            else np.zeros((3, 1, 1), np.float32)
-            for i, (_, _, eh, ew) in enumerate(d.erase.tolist())
-        ]
-        scalar = lambda a, dtype: [np.asarray(v, dtype) for v in a]
-        fields = {
-            "encoded": list(data),
-            "crop_anchor": [np.array(a, np.int32) for a in zip(left, top)],  # (x, y) order
-            "crop_shape": [np.array(s, np.int32) for s in zip(w, h)],
-            "flip": scalar(d.flip, np.int32),
-            "ra_op": list(d.ra_op.astype(np.int32)),
-            "ra_param": list(ra_param),
-            "erased": scalar(d.erase[:, 2] > 0, bool),
-            "erase_box": list(d.erase.astype(np.float32)),
-            "noise": noise,
-            "labels": scalar(self.labels[samples], np.int64),
-            "samples": scalar(samples, np.int64),
-            "repeats": scalar(repeats, np.int64),
-            "views": scalar(views, np.int64),
-            "requested": scalar(requested, np.int64),
-            "replaced": scalar(replaced, np.int32),
-        }
-        return tuple(fields[name] for name in self.outputs)
-
-
-class ValSource:
-    """Batch callback for one rank's validation shard: bytes, resize size and crop anchor."""
-
-    def __init__(
-        self,
-        index: DatasetIndex,
-        indices: list[int],
-        batch_size: int,
-        image_size: int,
-        crop_pct: float,
-        on_bad_image: str,
-        known_bad: frozenset[str],
-    ) -> None:
-        self.paths, self.labels, self.indices = index.paths, index.labels, indices
-        self.batch_size, self.size, self.on_bad_image = batch_size, image_size, on_bad_image
-        self.resize, self.known_bad = int(image_size / crop_pct), known_bad
-
-    def batch_indices(self, step: int) -> list[int]:
-        return self.indices[step * self.batch_size : (step + 1) * self.batch_size]
-
-    def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
-        picks = self.batch_indices(info.iteration)
-        if not picks:
-            raise StopIteration
-        rows = []
-        for i in picks:
-            try:
-                data, height, width = _read_probe(self.paths[i], self.known_bad)
-                valid = 1
-            except BadImageError:
-                if self.on_bad_image == "error":
-                    raise
-                data, height, width, valid = _placeholder_jpeg(), 8, 8, 0
-            short, long = sorted((height, width))  # torchvision: the long side is truncated
-            scaled = (self.resize, int(self.resize * long / short))
-            new_h, new_w = scaled if height <= width else scaled[::-1]
-            crop = (round((new_h - self.size) / 2), round((new_w - self.size) / 2))
-            rows.append(
-                (
-                    data,
-                    np.array([new_h, new_w], np.float32),
-                    np.array(crop, np.float32),
-                    np.asarray(self.labels[i], np.int64),
-                    np.asarray(valid, np.int32),
-                )
-            )
-        return tuple(list(column) for column in zip(*rows))
 
 
 # ---------------------------------------------------------------- graphs
