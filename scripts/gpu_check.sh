@@ -178,8 +178,9 @@ stage_decode() {
 
 stage_train() {
     local data="$WORK/data" run="$WORK/run" classes per_class size model
+    # Erasing stays on (0.25): on the GPU the main process normalizes and erases the batch.
     local -a args=(data.path="$data" data.backend=torch
-        data.repeats=1 data.rand_augment=null data.mixup=0 data.cutmix=0 data.reprob=0
+        data.repeats=1 data.rand_augment=null data.mixup=0 data.cutmix=0 data.reprob=0.25
         optim.lr=1e-3 optim.scale_lr=false train.progress=false train.resume=false
         train.output_dir="$run")
     if [[ -n $DRY_REASON ]]; then

@@ -241,3 +241,17 @@ def test_worker_and_main_process_finish_alike(photo_tree):
     finished = finish(raw, torch.device("cpu"), params.mean, params.std)
     assert torch.equal(finished, done["images"])
     assert torch.equal(finish(done, torch.device("cpu"), params.mean, params.std), finished)
+
+
+@pytest.mark.gpu
+def test_finish_on_the_gpu_matches_the_cpu(photo_tree):
+    """The GPU path: pinned uint8 batch, non-blocking copies, normalize and erase on the GPU."""
+    index = DatasetIndex.from_folder(str(photo_tree))
+    params = PlanParams(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
+    plan = AugmentationPlan(params, seed=int(np.random.default_rng().integers(1000)))
+    raw = TrainViews(index, plan, "skip").__getitems__([(1, s, 0) for s in range(len(index))])
+    pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in raw.items()}
+    on_gpu = finish(pinned, torch.device("cuda"), params.mean, params.std)
+    on_cpu = finish(raw, torch.device("cpu"), params.mean, params.std)
+    assert on_gpu.device.type == "cuda" and raw["erase_noise"].numel() > 0
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-6)
