@@ -7,12 +7,10 @@ import os
 
 import torch
 
-# The ops below shadow their modules' names (kernels.attention is the function), so the
-# attention module, which triton_runnable asks, is bound first under another name.
-from kernels import attention as _attention_module
 from kernels.attention import attention, attention_reference
 from kernels.bias_gelu import bias_gelu, bias_gelu_reference
 from kernels.layer_norm import layer_norm, layer_norm_reference
+from kernels.runtime import INTERPRETED
 
 __all__ = [
     "attention",
@@ -33,8 +31,7 @@ def triton_runnable(device: torch.device | str) -> tuple[bool, str]:
             return True, ""
         return False, "Triton kernels need a CUDA GPU, and torch.cuda.is_available() is False"
     if device.type == "cpu":
-        # triton decides at decoration time, so what counts is how the kernels were built.
-        if _attention_module._INTERPRETED:
+        if INTERPRETED:  # how the kernels were built, whatever the variable says now
             return True, ""
         return False, (
             "Triton kernels run on CPU tensors only under the Triton interpreter: set "

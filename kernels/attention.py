@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+
+from kernels.runtime import INTERPRETED
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)
@@ -174,8 +175,7 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     ]
 
 
-_INTERPRETED = isinstance(_attention_fwd_kernel, InterpretedFunction)
-if _INTERPRETED:
+if INTERPRETED:
     # The interpreter cannot autotune; fixed tiles of unequal size still cover every mask.
     _fwd, _bwd_dq, _bwd_dkdv = (
         _attention_fwd_kernel, _attention_bwd_dq_kernel, _attention_bwd_dkdv_kernel

@@ -5,14 +5,13 @@ written to memory: the forward reads x once and writes y once, the backward reco
 x + bias from x instead of saving it.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+
+from kernels.runtime import row_programs_cap
 
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -65,17 +64,6 @@ def _bias_gelu_bwd_kernel(
     tl.store(dbias_partial_ptr + pid_m * n_cols + cols, tl.sum(dbias, axis=0), mask=col_mask)
 
 
-_INTERPRETED = isinstance(_bias_gelu_fwd_kernel, InterpretedFunction)
-
-
-@functools.lru_cache
-def _row_programs_cap(device: torch.device) -> int:
-    # A few programs per SM keep every SM busy while the fp32 partials stay small.
-    if device.type != "cuda" or _INTERPRETED:
-        return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tiles(n_cols: int) -> tuple[int, int]:
     """(rows per tile, columns per tile): tiles of ~4096 values, at most 256 columns wide."""
     # int(): the tiles are constexprs, so a traced width is specialised, not symbolic.
@@ -102,7 +90,7 @@ def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]
     n_rows = x.numel() // n_cols
     dx = torch.empty_like(x)
     block_m, block_c = _tiles(n_cols)
-    row_programs = min(triton.cdiv(n_rows, block_m), _row_programs_cap(x.device))
+    row_programs = min(triton.cdiv(n_rows, block_m), row_programs_cap(x.device))
     dbias_partial = torch.empty((row_programs, n_cols), device=x.device, dtype=torch.float32)
     grid = (row_programs, triton.cdiv(n_cols, block_c))
     wrap_triton(_bias_gelu_bwd_kernel)[grid](

@@ -5,14 +5,13 @@ gradient for each and returns ds + dLN(dy) to x and to the residual. dweight and
 reduced in two stages, in fp32: each program sums its rows, then the partial rows are summed.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+
+from kernels.runtime import row_programs_cap
 
 _MAX_WIDTH = 8192
 _TILE_ELEMENTS = 4096
@@ -85,17 +84,6 @@ def _layer_norm_bwd_kernel(
     tl.store(dbias_partial_ptr + partial, tl.sum(dbias, axis=0), mask=col_mask)
 
 
-_INTERPRETED = isinstance(_layer_norm_fwd_kernel, InterpretedFunction)
-
-
-@functools.lru_cache
-def _row_programs_cap(device: torch.device) -> int:
-    # A few programs per SM keep every SM busy while the fp32 partials stay small.
-    if device.type != "cuda" or _INTERPRETED:
-        return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tiles(n_cols: int) -> tuple[int, int, int]:
     """(rows per tile, columns per tile, warps): a tile holds whole rows, ~4096 values."""
     # int(): the tiles are constexprs, so a traced width is specialised, not symbolic.
@@ -136,7 +124,7 @@ def _layer_norm_bwd(
     n_rows = s.numel() // n_cols
     dsum = torch.empty_like(s)
     block_m, block_c, num_warps = _tiles(n_cols)
-    programs = min(triton.cdiv(n_rows, block_m), _row_programs_cap(s.device))
+    programs = min(triton.cdiv(n_rows, block_m), row_programs_cap(s.device))
     dweight_partial = torch.empty((programs, n_cols), device=s.device, dtype=torch.float32)
     dbias_partial = torch.empty((programs, n_cols), device=s.device, dtype=torch.float32)
     wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
