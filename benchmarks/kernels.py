@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -45,6 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
     sys.path[0] = str(_HERE.parent)
+
+from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
 
 MODELS = {"DeiT-Ti": 3, "DeiT-S": 6, "DeiT-B": 12}
 SDPA_BACKENDS = {
@@ -287,12 +285,6 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
@@ -304,15 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
 
-    on_cuda = torch.cuda.is_available()
-    if not on_cuda:
-        if not args.smoke:
-            print("benchmarks/kernels.py: no CUDA GPU; use --smoke to run tiny shapes on the "
-                  "CPU under the Triton interpreter", file=sys.stderr)
-            return 2
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
-    import triton
-
+    on_cuda = cuda_or_smoke("kernels.py", args.smoke, "tiny shapes")
+    if on_cuda is None:
+        return 2
     import kernels
 
     device = torch.device("cuda" if on_cuda else "cpu")
@@ -323,11 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Settings(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32,
                    warmup=1 if args.smoke else 5, reps=2 if args.smoke else 30,
                    compile_backend="inductor" if on_cuda else "eager")
-    name = _device_name(device)
+    name = device_name(device)
     peaks = _peaks(cfg, args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    stem = args.out / f"kernels_{slug}"
+    stem = args.out / f"kernels_{file_stem(name, args.smoke)}"
     Path(f"{stem}.csv").unlink(missing_ok=True)
 
     def append(row: dict) -> None:  # one row at a time: a run cut short keeps what it measured
@@ -341,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = _measure(cfg, _shapes(args.smoke), peaks, append, deadline)
     targets = [] if args.smoke else _targets(rows)
     meta = {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python benchmarks/kernels.py",
-                             *(sys.argv[1:] if argv is None else argv)]),
+        **run_meta(name, "kernels.py", argv),
         "dtype": str(cfg.dtype), "compile_backend": cfg.compile_backend,
         "warmup": cfg.warmup, "reps": cfg.reps,
         "peak_copy_gbps": round(peaks["copy_gbps"], 1),
@@ -355,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
     _plot(rows, Path(f"{stem}.png"), f"deit-fast kernels on {name}, {meta['date']}")
 
-    print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | "
+    print(f"{name} | torch {meta['torch']} | triton {meta['triton']} | "
           f"copy {peaks['copy_gbps']:.0f} GB/s | matmul {peaks['matmul_tflops']:.1f} TFLOP/s")
     print(f"wrote {stem}.csv, .json, .png")
     for line in targets:

@@ -39,13 +39,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import gc
 import importlib.util
 import json
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -64,6 +60,7 @@ _HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
     sys.path[0] = str(_HERE.parent)
 
+from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
 from deit_fast.config import OptimConfig  # noqa: E402
 from deit_fast.ema import ModelEma  # noqa: E402
 from deit_fast.losses import soft_target_cross_entropy  # noqa: E402
@@ -338,12 +335,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)"
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,small,base",
@@ -406,15 +397,10 @@ def _run_rows(args: argparse.Namespace, run: Run, flops: dict[str, float], peak:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    on_cuda = torch.cuda.is_available()
-    if not on_cuda:
-        if not args.smoke:
-            print("benchmarks/step.py: no CUDA GPU; use --smoke to run a tiny model on the CPU "
-                  "under the Triton interpreter", file=sys.stderr)
-            return 2
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
+    on_cuda = cuda_or_smoke("step.py", args.smoke, "a tiny model")
+    if on_cuda is None:
+        return 2
     import timm  # imports triton, so only now
-    import triton
 
     device = torch.device("cuda" if on_cuda else "cpu")
     if args.smoke:
@@ -423,29 +409,25 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.batch = args.models[:1], 2
     else:
         run = Run(device, torch.bfloat16, args.steps, args.warmup, "inductor")
-    name = _device_name(device)
+    name = device_name(device)
     peak = matmul_peak_tflops(run, args.smoke)
     flops = {m: train_flops_per_image(MODELS[m], run.overrides) for m in args.models}
     meta = {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__,
-        "timm": timm.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python benchmarks/step.py",
-                             *(sys.argv[1:] if argv is None else argv)]),
+        **run_meta(name, "step.py", argv),
+        "timm": timm.__version__,
         "precision": "bf16 autocast" if run.amp_dtype else "fp32",
         "batch": args.batch, "steps": run.steps, "warmup": run.warmup,
         "compile_backend": run.compile_backend, "model_overrides": run.overrides,
         "peak_matmul_tflops": float(f"{peak:.4g}"),
         "train_flops_per_image": {LABELS[m]: flops[m] for m in args.models},
     }
-    header = (f"{name} | torch {torch.__version__} | triton {triton.__version__} | timm "
+    header = (f"{name} | torch {meta['torch']} | triton {meta['triton']} | timm "
               f"{timm.__version__} | {meta['precision']} | batch {args.batch} | matmul peak "
               f"{peak:.3g} TFLOP/s | {meta['date']}")
     print(header, flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    stem = args.out / f"step_{slug}"
+    stem = args.out / f"step_{file_stem(name, args.smoke)}"
     sidecar = Path(f"{stem}.json")
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")  # now too: a killed run keeps it
     rows = _run_rows(args, run, flops, peak, Path(f"{stem}.csv"))
