@@ -23,6 +23,23 @@ _HEAD_DIMS = (32, 64, 128)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@triton.jit
+def _head_program(qkv_ptr, stride_qkv_b, num_heads, HEAD_DIM: tl.constexpr):
+    """This program's (batch, head) pair: its flat index, batch, head, and q in qkv."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = pid_bh % num_heads
+    return pid_bh, b, h, qkv_ptr + b * stride_qkv_b + h * HEAD_DIM
+
+
+@triton.jit
+def _load_rows(head_ptr, rows, stride_n, seq_len, HEAD_DIM: tl.constexpr):
+    """Rows of one head's [N, HEAD_DIM] slice; rows at or past seq_len read 0."""
+    dims = tl.arange(0, HEAD_DIM)
+    offsets = rows[:, None] * stride_n + dims[None, :]
+    return tl.load(head_ptr + offsets, mask=(rows < seq_len)[:, None], other=0.0)
+
+
 @triton.jit(do_not_specialize=["seq_len"])  # N = 1 needs no kernel of its own
 def _attention_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
@@ -30,17 +47,13 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = pid_bh % num_heads
-    q_ptr = qkv_ptr + b * stride_qkv_b + h * HEAD_DIM
+    pid_bh, b, h, q_ptr = _head_program(qkv_ptr, stride_qkv_b, num_heads, HEAD_DIM)
     k_ptr = q_ptr + num_heads * HEAD_DIM
     v_ptr = k_ptr + num_heads * HEAD_DIM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seq_len
     dims = tl.arange(0, HEAD_DIM)
-    q_offsets = rows[:, None] * stride_qkv_n + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None], other=0.0)
+    q = _load_rows(q_ptr, rows, stride_qkv_n, seq_len, HEAD_DIM)
 
     # Online softmax in base 2: qk_scale already holds log2(e).
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -49,9 +62,8 @@ def _attention_fwd_kernel(
     for start in range(0, seq_len, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < seq_len
-        kv_offsets = cols[:, None] * stride_qkv_n + dims[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=col_mask[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=col_mask[:, None], other=0.0)
+        k = _load_rows(k_ptr, cols, stride_qkv_n, seq_len, HEAD_DIM)
+        v = _load_rows(v_ptr, cols, stride_qkv_n, seq_len, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         qk = tl.where(col_mask[None, :], qk, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(qk, axis=1))
@@ -78,26 +90,17 @@ def _attention_bwd_dq_kernel(
 ):
     # One tile of query rows: computes delta = rowsum(dout * out) for the dk/dv kernel
     # that runs next, then dq = scale * dS @ K over all keys.
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = pid_bh % num_heads
-    q_ptr = qkv_ptr + b * stride_qkv_b + h * HEAD_DIM
+    pid_bh, b, h, q_ptr = _head_program(qkv_ptr, stride_qkv_b, num_heads, HEAD_DIM)
     k_ptr = q_ptr + num_heads * HEAD_DIM
     v_ptr = k_ptr + num_heads * HEAD_DIM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seq_len
-    dims = tl.arange(0, HEAD_DIM)
-    head_cols = h * HEAD_DIM + dims[None, :]
-    q_offsets = rows[:, None] * stride_qkv_n + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None], other=0.0)
-    out = tl.load(
-        out_ptr + b * stride_out_b + rows[:, None] * stride_out_n + head_cols,
-        mask=row_mask[:, None], other=0.0,
-    )
-    dout = tl.load(
-        dout_ptr + b * stride_dout_b + rows[:, None] * stride_dout_n + head_cols,
-        mask=row_mask[:, None], other=0.0,
-    )
+    head_cols = h * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    q = _load_rows(q_ptr, rows, stride_qkv_n, seq_len, HEAD_DIM)
+    out_head_ptr = out_ptr + b * stride_out_b + h * HEAD_DIM
+    out = _load_rows(out_head_ptr, rows, stride_out_n, seq_len, HEAD_DIM)
+    dout_head_ptr = dout_ptr + b * stride_dout_b + h * HEAD_DIM
+    dout = _load_rows(dout_head_ptr, rows, stride_dout_n, seq_len, HEAD_DIM)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
     tl.store(delta_ptr + pid_bh * seq_len + rows, delta, mask=row_mask)
     lse = tl.load(lse_ptr + pid_bh * seq_len + rows, mask=row_mask, other=0.0)
@@ -106,9 +109,8 @@ def _attention_bwd_dq_kernel(
     for start in range(0, seq_len, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < seq_len
-        kv_offsets = cols[:, None] * stride_qkv_n + dims[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=col_mask[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=col_mask[:, None], other=0.0)
+        k = _load_rows(k_ptr, cols, stride_qkv_n, seq_len, HEAD_DIM)
+        v = _load_rows(v_ptr, cols, stride_qkv_n, seq_len, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.where(col_mask[None, :], tl.exp2(qk - lse[:, None]), 0.0)
         dp = tl.dot(dout, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -128,30 +130,22 @@ def _attention_bwd_dkdv_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     # One tile of key rows, in transposed form: dv = P^T @ dout, dk = scale * dS^T @ Q.
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = pid_bh % num_heads
+    pid_bh, b, h, q_ptr = _head_program(qkv_ptr, stride_qkv_b, num_heads, HEAD_DIM)
     width = num_heads * HEAD_DIM
-    q_ptr = qkv_ptr + b * stride_qkv_b + h * HEAD_DIM
     dout_head_ptr = dout_ptr + b * stride_dout_b + h * HEAD_DIM
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < seq_len
     dims = tl.arange(0, HEAD_DIM)
-    kv_offsets = cols[:, None] * stride_qkv_n + dims[None, :]
-    k = tl.load(q_ptr + width + kv_offsets, mask=col_mask[:, None], other=0.0)
-    v = tl.load(q_ptr + 2 * width + kv_offsets, mask=col_mask[:, None], other=0.0)
+    k = _load_rows(q_ptr + width, cols, stride_qkv_n, seq_len, HEAD_DIM)
+    v = _load_rows(q_ptr + 2 * width, cols, stride_qkv_n, seq_len, HEAD_DIM)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for start in range(0, seq_len, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < seq_len
-        q_offsets = rows[:, None] * stride_qkv_n + dims[None, :]
-        q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None], other=0.0)
-        dout = tl.load(
-            dout_head_ptr + rows[:, None] * stride_dout_n + dims[None, :],
-            mask=row_mask[:, None], other=0.0,
-        )
+        q = _load_rows(q_ptr, rows, stride_qkv_n, seq_len, HEAD_DIM)
+        dout = _load_rows(dout_head_ptr, rows, stride_dout_n, seq_len, HEAD_DIM)
         # lse = +inf on padded query rows makes their probabilities exactly 0.
         lse = tl.load(lse_ptr + pid_bh * seq_len + rows, mask=row_mask, other=float("inf"))
         delta = tl.load(delta_ptr + pid_bh * seq_len + rows, mask=row_mask, other=0.0)
