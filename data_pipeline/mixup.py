@@ -8,6 +8,12 @@ for per-rank draws), never from a global RNG; they are drawn on the host, so no 
 sync. Labels become label-smoothed one-hot targets mixed with the same lambda and
 permutation, and so does `extra` (teacher targets: teacher(mix(a, b)) is approximated by
 mix(teacher(a), teacher(b))).
+
+On the device every batch runs the same ops on the same shapes, whatever was drawn: the
+draw becomes two small tensors (`params`), and `apply` blends each pixel with its partner
+by a per-pixel weight, lambda everywhere for Mixup, 0 inside the box and 1 outside for
+CutMix, 1 for a batch left unmixed (the identity permutation). Nothing depends on the
+drawn values through a shape or a host read, so the step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -40,8 +46,7 @@ class Mixup:
     def draw(self, key: tuple[int, ...], height: int, width: int, batch_size: int):
         """(lambda, box (top, bottom, left, right) or None, permutation) of one batch."""
         g = generator(self.seed, _STREAM, *key)
-        enabled = self.mixup_alpha > 0 or self.cutmix_alpha > 0
-        if not enabled or g.random() >= self.prob:
+        if not self.enabled or g.random() >= self.prob:
             return 1.0, None, None
         use_cutmix = self.cutmix_alpha > 0 and (
             self.mixup_alpha <= 0 or g.random() < self.switch_prob
@@ -57,10 +62,50 @@ class Mixup:
             lam = 1 - (bottom - top) * (right - left) / (height * width)
         return lam, box, g.permutation(batch_size)
 
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def params(self, key: tuple[int, ...], height: int, width: int,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draw as host tensors: the permutation (int64), and float32 (top, bottom,
+        left, right, pixel weight inside the box, outside it, label lambda)."""
+        lam, box, perm = self.draw(key, height, width, batch_size)
+        if perm is None:
+            perm, weights = np.arange(batch_size), (0, 0, 0, 0, 1.0, 1.0, 1.0)
+        elif box is None:
+            weights = (0, 0, 0, 0, lam, lam, lam)
+        else:
+            weights = (*box, 0.0, 1.0, lam)
+        return torch.from_numpy(perm), torch.tensor(weights, dtype=torch.float32)
+
     def smooth_one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         off = self.label_smoothing / self.num_classes
         targets = torch.full((len(labels), self.num_classes), off, device=labels.device)
         return targets.scatter_(1, labels.view(-1, 1), 1 - self.label_smoothing + off)
+
+    def apply(self, images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor,
+              weights: torch.Tensor, extra: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Mix with `params` already on the device: fixed shapes, no host read."""
+        if extra is not None and not extra.is_floating_point():
+            raise TypeError(
+                f"extra must be a floating tensor (one-hot or probabilities), got {extra.dtype}"
+            )
+        targets = self.smooth_one_hot(labels)
+        if not self.enabled:
+            return images, targets, extra
+        height, width = images.shape[-2:]
+        top, bottom, left, right, inside, outside, lam = weights.unbind()
+        rows = torch.arange(height, device=images.device, dtype=weights.dtype)
+        cols = torch.arange(width, device=images.device, dtype=weights.dtype)
+        in_box = ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))
+        pixel = torch.where(in_box, inside, outside).to(images.dtype)
+        images = torch.lerp(images[perm], images, pixel)
+        targets = torch.lerp(targets[perm], targets, lam)
+        if extra is not None:
+            extra = torch.lerp(extra[perm], extra, lam.to(extra.dtype))
+        return images, targets, extra
 
     def __call__(
         self,
@@ -69,22 +114,7 @@ class Mixup:
         key: tuple[int, ...],
         extra: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if extra is not None and not extra.is_floating_point():
-            raise TypeError(
-                f"extra must be a floating tensor (one-hot or probabilities), got {extra.dtype}"
-            )
-        targets = self.smooth_one_hot(labels)
-        lam, box, perm = self.draw(key, images.shape[-2], images.shape[-1], len(images))
-        if perm is None:
-            return images, targets, extra
-        perm = torch.from_numpy(perm).to(images.device, non_blocking=True)
-        if box is None:
-            images = torch.lerp(images[perm], images, lam)
-        else:
-            top, bottom, left, right = box
-            images = images.clone()
-            images[:, :, top:bottom, left:right] = images[perm, :, top:bottom, left:right]
-        targets = torch.lerp(targets[perm], targets, lam)
-        if extra is not None:
-            extra = torch.lerp(extra[perm], extra, lam)
-        return images, targets, extra
+        perm, weights = self.params(key, images.shape[-2], images.shape[-1], len(images))
+        perm = perm.to(images.device, non_blocking=True)
+        weights = weights.to(images.device, non_blocking=True)
+        return self.apply(images, labels, perm, weights, extra)

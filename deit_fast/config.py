@@ -100,7 +100,11 @@ class TrainConfig:
     eval_interval: int = 1  # epochs
     checkpoint_interval: int = 0  # steps between last.pt writes inside an epoch; 0: epoch ends
     max_steps: int | None = None  # stop (and checkpoint) after this many steps in all
-    compile: bool = False
+    compile: str = "none"  # none | default | max-autotune: torch.compile the model (train and eval)
+    compile_fullgraph: bool = False  # torch.compile(fullgraph=True): a graph break is an error
+    cuda_graphs: bool = False  # capture the whole step (forward, backward, AdamW, EMA) on CUDA
+    accum_steps: int = 1  # micro-batches per optimizer step; lr scales on the effective batch
+    peak_tflops: float | None = None  # for MFU; None: the device's known bf16 dense peak
     resume: bool = True  # continue from output_dir/checkpoints/last.pt when present
     progress: bool = True
     max_bad_steps: int = 20  # stop after this many NaN/inf-loss steps in a row (each is skipped)
@@ -126,6 +130,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.source": ("online", "cache"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.compile": ("none", "default", "max-autotune"),
 }
 
 # (key, lower bound, inclusive?) for numbers that must be positive or non-negative.
@@ -153,6 +158,8 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "train.checkpoint_interval": (0, True),
     "train.max_steps": (1, True),
     "train.max_bad_steps": (1, True),
+    "train.accum_steps": (1, True),
+    "train.peak_tflops": (0, False),
 }
 
 PROBABILITIES = (
@@ -251,7 +258,25 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.type != "none" and cfg.distill.source == "online" and not cfg.distill.teacher:
         raise ConfigError("distill.teacher: a teacher model name is needed when distill.type is "
                           f"{cfg.distill.type!r}")
+    _validate_step(cfg.train)
     return cfg
+
+
+def _validate_step(t: TrainConfig) -> None:
+    """Combinations the training step cannot run."""
+    for key in ("checkpoint_interval", "max_steps"):
+        if getattr(t, key) and getattr(t, key) % t.accum_steps:
+            raise ConfigError(f"train.{key}: must be a multiple of train.accum_steps="
+                              f"{t.accum_steps} (a checkpoint falls between updates), got "
+                              f"{getattr(t, key)}")
+    if t.cuda_graphs and t.accum_steps > 1:
+        raise ConfigError("train.cuda_graphs: the captured step is one whole update; it does "
+                          "not combine with train.accum_steps > 1")
+    if t.cuda_graphs and t.device == "cpu":
+        raise ConfigError("train.cuda_graphs: needs train.device=cuda (or auto on a GPU)")
+    if t.cuda_graphs and t.precision == "fp16":
+        raise ConfigError("train.cuda_graphs: fp16's loss scaler is not captured; use "
+                          "train.precision=bf16")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

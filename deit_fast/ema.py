@@ -22,8 +22,14 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, active: float | torch.Tensor = 1.0) -> None:
-        """active: 0 (a device tensor, so no sync) leaves the average as it is (a skipped step)."""
-        torch._foreach_lerp_(self._ema, self._live, (1.0 - self.decay) * active)
+        """active: 0 leaves the average as it is (a skipped step). A device tensor costs no
+        sync: it goes in as a list of tensor weights, where a 0-dim tensor in the scalar
+        overload would be read on the host."""
+        weight = (1.0 - self.decay) * active
+        if isinstance(weight, torch.Tensor):
+            torch._foreach_lerp_(self._ema, self._live, [weight] * len(self._ema))
+        else:
+            torch._foreach_lerp_(self._ema, self._live, weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -30,11 +30,14 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / 512 if cfg.scale_lr else cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
-                    device: torch.device) -> torch.optim.AdamW:
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas,
-                             eps=cfg.eps, fused=fused, foreach=None if fused else True)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device,
+                    capturable: bool = False) -> torch.optim.AdamW:
+    """Fused AdamW on every device: its step counts live on the device and it takes the lr
+    and a found-inf flag as device tensors, so a step never reads a value on the host (the
+    foreach AdamW reads each step count). `capturable` lets a CUDA graph capture it."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay),
+                             lr=torch.tensor(lr, dtype=torch.float32, device=device),
+                             betas=cfg.betas, eps=cfg.eps, fused=True, capturable=capturable)
 
 
 class CosineSchedule:

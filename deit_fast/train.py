@@ -1,7 +1,8 @@
 """The training loop: one object that takes a model, a loader, a loss and a config.
 
 The hot loop does not synchronise with the host: the loss and the bad-step counters stay
-on the device and are read only at log intervals. Under DDP every rank runs the same
+on the device and are read only at log intervals, and the step itself (lr, mixing, the
+non-finite guard, AdamW, EMA) reads nothing on the host. Under DDP every rank runs the same
 loop; only rank 0 writes logs, metrics, plots and checkpoints. Checkpoints hold
 everything needed to continue exactly (model, optimizer, scaler, EMA, schedule position,
 data position as a global item count, every rank's RNG).
@@ -10,6 +11,7 @@ data position as a global item count, every rank's RNG).
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -22,12 +24,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from deit_fast import checkpoint
-from deit_fast.config import Config, to_dict
+from deit_fast.config import Config, TrainConfig, to_dict
 from deit_fast.distributed import Distributed, StopRequest
 from deit_fast.ema import ModelEma
 from deit_fast.evaluate import evaluate
+from deit_fast.flops import mfu, peak_tflops, train_flops_per_image
 from deit_fast.metrics import MetricsLog, plot_curves
 from deit_fast.optim import CosineSchedule, build_optimizer, scaled_lr
+from deit_fast.step_graph import CapturedStep
 
 PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,6 +51,14 @@ TeacherTargets = Callable[[Any], Tensor]
 
 class BadStepsError(RuntimeError):
     """The loss stayed NaN or inf for train.max_bad_steps steps in a row."""
+
+
+def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """train.compile and train.compile_fullgraph, for the training and the evaluation model."""
+    if cfg.compile == "none":
+        return model
+    return torch.compile(model, mode=None if cfg.compile == "default" else cfg.compile,
+                         fullgraph=cfg.compile_fullgraph)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -69,20 +81,35 @@ class Trainer:
         self.criterion, self.mix, self.fingerprint = criterion, mix, fingerprint
         self.teacher_targets, self.stop = teacher_targets, stop
         self.dist = dist or Distributed(device=device)
+        # A step is one loader batch (a micro-batch); an update is train.accum_steps of them,
+        # fewer at the end of an epoch. The lr and its schedule count updates.
         self.items_per_step = cfg.data.batch_size * self.dist.world_size
-        steps = train_loader.steps_per_epoch
-        lr = scaled_lr(cfg.optim, self.items_per_step)
+        self.accum_steps = cfg.train.accum_steps
+        updates = math.ceil(train_loader.steps_per_epoch / self.accum_steps)
+        self.updates_per_epoch = updates
+        lr = scaled_lr(cfg.optim, self.items_per_step * self.accum_steps)
         self.schedule = CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_lr,
-                                       round(cfg.optim.warmup_epochs * steps),
-                                       cfg.train.epochs * steps)
-        self.optimizer = build_optimizer(model, cfg.optim, lr, device)
+                                       round(cfg.optim.warmup_epochs * updates),
+                                       cfg.train.epochs * updates)
+        self.optimizer = build_optimizer(model, cfg.optim, lr, device,
+                                         capturable=cfg.train.cuda_graphs)
+        self.lr = torch.zeros((), device=device)  # every group's lr, filled from the schedule
+        self.last_lr = self.schedule(0)
         self.dtype = PRECISION[cfg.train.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.found_inf = torch.zeros((), device=device)
+        self.unit = torch.ones((), device=device)
+        self.updated = False  # whether the last train_step ended with an update
         # DDP broadcasts rank 0's weights; the EMA copies them after that, from the bare module.
-        trained = wrap_ddp(model, device) if self.dist.active else model
+        self.ddp = wrap_ddp(model, device) if self.dist.active else None
         self.ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None
         # compile outside DDP, so DDP's bucketing sees the compiled graph's gradients
-        self.forward = torch.compile(trained) if cfg.train.compile else trained
+        self.forward = compile_model(self.ddp or model, cfg.train)
+        self.eval_model = compile_model(model, cfg.train) if self.ddp else self.forward
+        self.eval_ema = compile_model(self.ema.module, cfg.train) if self.ema else None
+        self.captured = CapturedStep(self, device) if cfg.train.cuda_graphs else None
+        self.flops_per_image = train_flops_per_image(model)
+        self.peak_tflops = peak_tflops(device, cfg.train.peak_tflops)
         self.epoch, self.step_in_epoch, self.item_in_epoch, self.global_step = 0, 0, 0, 0
         self.best_top1 = -1.0
         self.last_eval: dict[str, float] = {}
@@ -168,45 +195,74 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """One update; returns the loss and 1.0 where the step was skipped (non-finite loss)."""
-        lr = self.schedule(self.global_step)
+        """One loader batch: forward and backward, and on the last micro-batch of an update
+        (every train.accum_steps-th, and the last of an epoch) the update itself. Returns the
+        loss and 1.0 where the update was skipped (a non-finite loss or gradient), 0.0 on
+        micro-batches that only accumulate. Nothing here reads a device value on the host."""
+        in_group = self.step_in_epoch % self.accum_steps
+        group_start = self.step_in_epoch - in_group
+        group_size = min(self.accum_steps, self.train_loader.steps_per_epoch - group_start)
+        self.updated = in_group == group_size - 1
+        self.last_lr = self.schedule(self.epoch * self.updates_per_epoch
+                                     + group_start // self.accum_steps)
+        self.lr.fill_(self.last_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr
         teacher = self.teacher_targets(batch) if self.teacher_targets else None
         # Labels and teacher targets are mixed with the same lambda and permutation; each
         # rank draws its own, as timm's per-process Mixup does.
         key = (self.epoch, self.step_in_epoch, self.dist.rank)
+        if self.captured is not None:
+            images = batch.images
+            params = self.mix.params(key, images.shape[-2], images.shape[-1], len(images))
+            return self.captured(images, batch.labels, *params, teacher)
+        if in_group == 0:
+            self.optimizer.zero_grad(set_to_none=True)
         images, targets, teacher = self.mix(batch.images, batch.labels, key=key, extra=teacher)
+        sync = self.updated or self.ddp is None
+        with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            loss = self.forward_backward(images, targets, teacher, group_size)
+        if not self.updated:
+            return loss, torch.zeros_like(self.found_inf)
+        return loss, self.update()
+
+    def forward_backward(self, images: Tensor, targets: Tensor, teacher: Tensor | None,
+                         group_size: int = 1) -> Tensor:
+        """Adds this micro-batch's share of the update's mean-loss gradients; returns its loss.
+        A non-finite loss turns every gradient NaN (the update then sees it, on every rank
+        once DDP has reduced them, and GradScaler in fp16 too)."""
         with self.autocast():
-            outputs = self.forward(images)
-            loss = self.criterion(images, outputs, targets, teacher)
-        # Skipping a non-finite step without a host sync: the flag stays on the device, is
-        # max-reduced over ranks, and gates the update inside the optimizer (fused AdamW's
-        # found_inf, or GradScaler in fp16, which also lowers its scale); the NaN factor makes
-        # every gradient non-finite so GradScaler sees it even when the loss alone was bad.
-        bad = (~torch.isfinite(loss.detach())).float()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss * torch.where(bad > 0, float("nan"), 1.0)).backward()
-        if self.dist.active:
-            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)  # every rank skips alike
+            loss = self.criterion(images, self.forward(images), targets, teacher)
+        share = torch.where(torch.isfinite(loss.detach()), 1.0 / group_size, float("nan"))
+        self.scaler.scale(loss * share).backward()
+        return loss.detach()
+
+    def update(self) -> Tensor:
+        """Clip, AdamW and EMA; an update with a non-finite gradient is skipped on the
+        device (found-inf from the gradients themselves: under bf16 a finite loss can still
+        give inf gradients). Returns that flag, 1.0 for a skipped update."""
+        self.scaler.unscale_(self.optimizer)  # fp16: back to true gradients; else a no-op
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        bad = self.found_inf
+        bad.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, bad, self.unit)
         if self.cfg.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer_step(bad)
         if self.ema:
             self.ema.update(1.0 - bad)
-        return loss.detach(), bad
+        return bad.clone()
 
     def optimizer_step(self, bad: Tensor) -> None:
-        if self.scaler.is_enabled():
+        """Fused AdamW leaves weights, moments and step counts alone where found_inf is set."""
+        if self.scaler.is_enabled():  # it hands the kernel its own found_inf and lowers the scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = bad  # the fused kernel leaves params and state alone
+        else:
+            self.optimizer.found_inf = bad
             self.optimizer.step()
             del self.optimizer.found_inf
-        elif not bad.item():  # foreach AdamW runs on the CPU, where .item() stalls nothing
-            self.optimizer.step()
 
     def fit(self) -> dict[str, Any]:
         """Train to train.epochs (or train.max_steps, or a stop signal); returns the summary."""
@@ -252,6 +308,8 @@ class Trainer:
         return self.summary()
 
     def count_bad(self, bad: Tensor) -> None:
+        if not self.updated:  # a micro-batch that only accumulated: no update to count
+            return
         self.bad_steps += bad
         self.bad_streak.mul_(bad).add_(bad)  # (streak + 1) on a bad step, 0 on a good one
         torch.maximum(self.worst_streak, self.bad_streak, out=self.worst_streak)
@@ -275,12 +333,14 @@ class Trainer:
         if not self.dist.is_main:
             return
         loss = loss_sum / finite if finite else float("nan")
+        img_per_s = steps * self.items_per_step / elapsed
         record = {"epoch": self.epoch, "step": self.global_step, "loss": loss,
-                  "lr": self.optimizer.param_groups[0]["lr"],
-                  "img_per_s": steps * self.items_per_step / elapsed,
+                  "lr": self.last_lr, "img_per_s": img_per_s,
+                  "mfu": mfu(self.flops_per_image, img_per_s / self.dist.world_size,
+                             self.peak_tflops),
                   "bad_images": self.train_loader.bad_images, "bad_steps": int(bad_steps)}
         self.metrics.log(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{img_per_s:.0f}")
 
     def stop_on_signal(self) -> dict[str, Any]:
         self.check_bad_steps(self.worst_streak.item())
@@ -312,9 +372,9 @@ class Trainer:
             plot_curves(self.metrics.path, self.run_dir / "curves.png")
 
     def evaluate(self) -> dict[str, float]:
-        result = evaluate(self.model, self.val_loader, self.device, self.autocast)
+        result = evaluate(self.eval_model, self.val_loader, self.device, self.autocast)
         if self.ema:
-            ema = evaluate(self.ema.module, self.val_loader, self.device, self.autocast)
+            ema = evaluate(self.eval_ema, self.val_loader, self.device, self.autocast)
             result.update({f"ema_{k}": v for k, v in ema.items()})
         return result
 

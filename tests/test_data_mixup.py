@@ -74,7 +74,7 @@ def test_off_gives_smoothed_one_hot_only():
         Mixup(prob=0, num_classes=C),
     ):
         out, targets, extra = mixup(images, labels, key=(1, 2))
-        assert out is images and extra is None
+        assert torch.equal(out, images) and extra is None  # prob=0 still runs the blend, at 1
         torch.testing.assert_close(targets, _one_hot(labels, 0.1))
 
 
@@ -98,3 +98,39 @@ def test_integer_extra_is_refused():
     images, labels = _constant_batch()
     with pytest.raises(TypeError, match="extra must be a floating tensor"):
         Mixup(num_classes=C)(images, labels, key=(0, 0), extra=labels)
+
+
+def _sliced_mix(mixup, images, labels, key, extra):
+    """The data-dependent-slice CutMix the fixed-shape one replaced: the reference."""
+    targets = mixup.smooth_one_hot(labels)
+    lam, box, perm = mixup.draw(key, images.shape[-2], images.shape[-1], len(images))
+    if perm is None:
+        return images, targets, extra
+    perm = torch.from_numpy(perm)
+    if box is None:
+        images = torch.lerp(images[perm], images, lam)
+    else:
+        top, bottom, left, right = box
+        images = images.clone()
+        images[:, :, top:bottom, left:right] = images[perm, :, top:bottom, left:right]
+    return images, torch.lerp(targets[perm], targets, lam), torch.lerp(extra[perm], extra, lam)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (13, 7), (1, 1)])
+def test_fixed_shape_mix_equals_the_sliced_one(size):
+    """Every kind of batch (Mixup, CutMix, boxes at the borders, unmixed) on random images."""
+    height, width = size
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, label_smoothing=0.1,
+                  num_classes=C, seed=7)
+    kinds = set()
+    for step in range(40):
+        images = torch.randn(B, 3, height, width)
+        labels = torch.randint(0, C, (B,))
+        extra = torch.softmax(torch.randn(B, C), 1)
+        lam, box, perm = mixup.draw((2, step), height, width, B)
+        kinds.add("none" if perm is None else "mixup" if box is None else "cutmix")
+        got = mixup(images, labels, key=(2, step), extra=extra)
+        expected = _sliced_mix(mixup, images, labels, (2, step), extra)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+    assert kinds == {"none", "mixup", "cutmix"}

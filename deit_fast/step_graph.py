@@ -1,0 +1,84 @@
+"""train.cuda_graphs: the whole update (mixing, forward, backward, non-finite guard, AdamW,
+EMA) captured once in a CUDA graph and replayed, one launch a step instead of thousands.
+
+The captured step is a function of device buffers only: the batch, the mixing draw as two
+small tensors (data_pipeline.mixup's `params`), the teacher targets, and the optimizer's
+lr tensor, which the trainer fills before each replay. Each step copies its inputs into
+the captured buffers and replays. The first WARMUP steps run eagerly on a side stream
+(real steps: they create the optimizer state and let the allocator and cuBLAS settle);
+the next one is captured, then every step replays it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from deit_fast.train import Trainer
+
+WARMUP = 3
+
+
+class CapturedStep:
+    def __init__(self, trainer: Trainer, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"train.cuda_graphs: needs a CUDA device, this run has {device}")
+        if trainer.ddp is not None:
+            raise ValueError("train.cuda_graphs: DDP's gradient all-reduce is not captured; "
+                             "use it on one process (or turn train.cuda_graphs off)")
+        if trainer.scaler.is_enabled() or trainer.accum_steps != 1:
+            raise ValueError("train.cuda_graphs: needs train.precision bf16 or fp32 and "
+                             "train.accum_steps=1")
+        self.trainer, self.device = trainer, device
+        self.steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[Tensor | None] = []
+        self.outputs: tuple[Tensor, Tensor] | None = None
+
+    def step(self, images: Tensor, labels: Tensor, perm: Tensor, weights: Tensor,
+             teacher: Tensor | None) -> tuple[Tensor, Tensor]:
+        t = self.trainer
+        images, targets, teacher = t.mix.apply(images, labels, perm, weights, teacher)
+        return t.forward_backward(images, targets, teacher), t.update()
+
+    def __call__(self, images: Tensor, labels: Tensor, perm: Tensor, weights: Tensor,
+                 teacher: Tensor | None) -> tuple[Tensor, Tensor]:
+        inputs = [x if x is None else x.to(self.device, non_blocking=True)
+                  for x in (images, labels, perm, weights, teacher)]
+        if self.graph is None and self.steps < WARMUP:
+            self.steps += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.trainer.optimizer.zero_grad(set_to_none=True)
+                out = self.step(*inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return out
+        if self.graph is None:
+            self.capture(inputs)
+        else:
+            self.load(inputs)
+        self.graph.replay()
+        loss, bad = self.outputs
+        return loss.clone(), bad.clone()  # the captured outputs are rewritten by each replay
+
+    def capture(self, inputs: list[Tensor | None]) -> None:
+        self.inputs = [x if x is None else x.clone() for x in inputs]
+        self.trainer.optimizer.zero_grad(set_to_none=True)  # backward allocates them in the graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.step(*self.inputs)
+
+    def load(self, inputs: list[Tensor | None]) -> None:
+        names = ("images", "labels", "mixing permutation", "mixing weights", "teacher targets")
+        for name, static, x in zip(names, self.inputs, inputs):
+            if (static is None) != (x is None) or (x is not None and x.shape != static.shape):
+                shapes = [None if v is None else tuple(v.shape) for v in (static, x)]
+                raise ValueError(f"train.cuda_graphs: the {name} changed from {shapes[0]} to "
+                                 f"{shapes[1]}; a captured step needs the same shapes every "
+                                 "step (full batches)")
+            if x is not None:
+                static.copy_(x, non_blocking=True)
