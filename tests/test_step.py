@@ -1,0 +1,259 @@
+"""Trainer.train_step: no host sync per step, the gradient guard, compile against eager,
+gradient accumulation against the full batch."""
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from data_pipeline import Mixup
+from deit_fast.config import ConfigError, load_config
+from deit_fast.evaluate import evaluate
+from deit_fast.losses import DistillationLoss
+from deit_fast.models import create_model
+from deit_fast.train import Trainer
+
+aten = torch.ops.aten
+CLASSES = 5
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+# Ops that make the host wait for a device value: a scalar read (.item(), bool(t),
+# float(t)), a comparison answered on the host, or an output shape set by the data.
+SYNC_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default,
+            aten.equal.default, aten.allclose.default, aten.nonzero.default,
+            aten.masked_select.default, aten._unique2.default, aten.unique_consecutive.default,
+            aten.unique_dim.default}
+
+
+class SyncCount(TorchDispatchMode):
+    """Counts SYNC_OPS, and copies of a device tensor to the host (.cpu(), .tolist() on a
+    GPU; on the CPU those are no copy and no wait)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        to_host = func in (aten._to_copy.default, aten.copy_.default) and any(
+            isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args[1:2] or args
+        ) and isinstance(out, torch.Tensor) and out.device.type == "cpu"
+        if func in SYNC_OPS or to_host:
+            self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+class Loader:
+    """Fixed batches on the device, with per-sample teacher targets (a cache's, looked up)."""
+
+    def __init__(self, steps: int, batch: int, device: str, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.batches = [SimpleNamespace(
+            images=torch.randn(batch, 3, 32, 32, generator=g).to(device),
+            labels=torch.randint(0, CLASSES, (batch,), generator=g).to(device),
+            teacher=torch.softmax(torch.randn(batch, CLASSES, generator=g), -1).to(device))
+            for _ in range(steps)]
+        self.steps_per_epoch, self.bad_images = steps, 0
+
+    def epoch(self, epoch, start_step=0, start_item=None):
+        yield from self.batches[start_step:]
+
+
+def make_trainer(tmp_path, loader, *overrides, device="cpu", model_name=None, mix=None,
+                 depth=1):
+    cfg = load_config(None, [
+        "model.name=deit_micro_distilled_patch4_32", "model.drop_path=0.1",
+        "data.batch_size=8", "train.precision=fp32", "train.ema_decay=0.9",
+        "train.progress=false", "train.log_interval=1000", "train.epochs=1",
+        "distill.type=hard", "distill.source=cache", "distill.cache_dir=unused",
+        f"train.output_dir={tmp_path}", *overrides])
+    torch.manual_seed(0)
+    model = create_model(model_name or cfg.model.name, num_classes=CLASSES, depth=depth,
+                         drop_path_rate=cfg.model.drop_path).to(device)
+    mix = mix or Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
+                       label_smoothing=cfg.data.label_smoothing, num_classes=CLASSES)
+    criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
+    return Trainer(cfg, model, loader, None, criterion, mix, torch.device(device), tmp_path,
+                   teacher_targets=lambda batch: batch.teacher)
+
+
+def run_steps(trainer, batches):
+    """train_step as fit() runs it, without the loop around it: (loss, bad, updated) each."""
+    out = []
+    for batch in batches:
+        loss, bad = trainer.train_step(batch)
+        trainer.count_bad(bad)
+        out.append((loss.item(), bad.item(), trainer.updated))
+        trainer.step_in_epoch += 1
+    return out
+
+
+def syncs_of_a_run(tmp_path, steps: int, device: str) -> SyncCount:
+    trainer = make_trainer(tmp_path / str(steps), Loader(steps, 8, device), device=device)
+    with SyncCount() as count:
+        summary = trainer.fit()
+    trainer.close()
+    assert summary["global_step"] == steps
+    return count
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_host_sync_per_step(tmp_path, device):
+    """Mixup and CutMix, EMA, cached hard distillation, drop path, the NaN guard: the syncs
+    of a run (its end: the bad-step check and the checkpoint) do not grow with its length."""
+    short, long = (syncs_of_a_run(tmp_path, n, device) for n in (6, 18))
+    assert (long.total - short.total) / 12 == 0, (short.ops, long.ops)
+
+
+def test_the_sync_count_sees_a_sync(tmp_path):
+    """The counter is not blind: an .item() per step shows as one per step."""
+    trainer = make_trainer(tmp_path, Loader(3, 8, "cpu"))
+    step = trainer.train_step
+    trainer.train_step = lambda batch: (lambda out: (out[0].item(), out)[1])(step(batch))
+    with SyncCount() as count:
+        trainer.fit()
+    trainer.close()
+    assert count.ops.get("aten._local_scalar_dense.default", 0) >= 3
+
+
+def _snapshot(trainer):
+    return [{k: v.clone() for k, v in trainer.model.state_dict().items()},
+            {k: v.clone() for k, v in trainer.ema.state_dict().items()},
+            *({k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values())]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_counted(tmp_path, value):
+    loader = Loader(4, 8, "cpu")
+    trainer = make_trainer(tmp_path, loader, "train.log_interval=1")
+    poison = {"step": 2}
+
+    def hook(grad):  # one element of one weight's gradient, at step 2 only
+        if trainer.step_in_epoch != poison["step"]:
+            return grad
+        grad = grad.clone()
+        grad[0, 1] = value
+        return grad
+
+    trainer.model.blocks[0].attn.qkv.weight.register_hook(hook)
+    losses, flags = [], []
+    for i, batch in enumerate(loader.batches):
+        before = _snapshot(trainer)
+        [(loss, bad, _)] = run_steps(trainer, [batch])
+        losses.append(loss)
+        flags.append(bad)
+        unchanged = [all(torch.equal(a[k], b[k]) for k in a)
+                     for a, b in zip(before, _snapshot(trainer))]
+        if i > 0:  # the first step creates the optimizer state, so nothing to compare
+            assert all(unchanged) == (i == poison["step"]), i
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert flags == [0.0, 0.0, 1.0, 0.0]
+    assert trainer.bad_steps.item() == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_the_guard_is_counted_in_the_log(tmp_path):
+    trainer = make_trainer(tmp_path, Loader(4, 8, "cpu"), "train.log_interval=1")
+    trainer.model.head.weight.register_hook(
+        lambda g: g * float("inf") if trainer.step_in_epoch in (1, 2) else g)
+    summary = trainer.fit()
+    trainer.close()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["bad_steps"] for r in records if "loss" in r] == [0, 1, 2, 2]
+    assert summary["bad_steps"] == 2
+
+
+def test_compiled_losses_equal_eager(tmp_path):
+    """train.compile=default (inductor, torch kernels) over 20 steps with mixup, EMA and
+    distillation: losses within 1e-4 relative of eager (fp32; summation order differs),
+    and the compiled evaluation model agrees too."""
+    results = {}
+    for mode in ("none", "default"):
+        loader = Loader(20, 8, "cpu")
+        trainer = make_trainer(tmp_path / mode, loader, f"train.compile={mode}",
+                               "model.drop_path=0.0", "optim.warmup_epochs=0")
+        start = trainer.model.head.weight.detach().clone()
+        losses = [loss for loss, _, _ in run_steps(trainer, loader.batches)]
+        val = [(b.images, b.labels) for b in loader.batches[:2]]
+        results[mode] = (losses, evaluate(trainer.eval_model, val, trainer.device),
+                         start, trainer.model.head.weight.detach().clone())
+        assert isinstance(trainer.eval_model, torch._dynamo.eval_frame.OptimizedModule) == (
+            mode == "default")
+        trainer.close()
+    (eager, eager_eval, start, eager_end), (compiled, compiled_eval, _, compiled_end) = (
+        results["none"], results["default"])
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+    assert compiled_eval["top1"] == eager_eval["top1"]
+    assert compiled_eval["val_loss"] == pytest.approx(eager_eval["val_loss"], rel=1e-4)
+    torch.testing.assert_close(compiled_end, eager_end, rtol=0, atol=1e-5)
+    assert (eager_end - start).abs().max() > 1e-4  # the 20 updates moved the weights
+
+
+def _after_one_update(tmp_path, batch_size, accum):
+    loader = Loader(32 // batch_size, batch_size, "cpu")
+    big = Loader(1, 32, "cpu")  # the same 32 images, in one batch or split
+    for i, part in enumerate(loader.batches):
+        for name in ("images", "labels", "teacher"):
+            setattr(part, name, getattr(big.batches[0], name)[i * batch_size:][:batch_size])
+    trainer = make_trainer(tmp_path, loader, f"data.batch_size={batch_size}",
+                           f"train.accum_steps={accum}", "model.drop_path=0.0",
+                           "data.mixup=0.0", "data.cutmix=0.0", "distill.type=soft",
+                           "optim.lr=5e-4", "optim.warmup_epochs=0")
+    flags = [(bad, updated) for _, bad, updated in run_steps(trainer, loader.batches)]
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return trainer, grads, flags
+
+
+def test_two_accumulated_half_batches_equal_one_batch(tmp_path):
+    """fp32, no dropout or drop path: 2 x 16 with train.accum_steps=2 is one update of 32,
+    with the lr scaled on the effective batch of 32 (an update moves weights by ~3e-5)."""
+    whole, whole_grads, whole_flags = _after_one_update(tmp_path / "32", 32, 1)
+    split, split_grads, split_flags = _after_one_update(tmp_path / "16", 16, 2)
+    assert whole_flags == [(0.0, True)] and split_flags == [(0.0, False), (0.0, True)]
+    assert split.lr.item() == pytest.approx(whole.lr.item()) == pytest.approx(5e-4 * 32 / 512)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-5)
+    for a, b in zip(split.model.state_dict().values(), whole.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(split.ema.state_dict().values(), whole.ema.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    split.close()
+    whole.close()
+
+
+def test_accumulating_micro_batches_skip_the_ddp_all_reduce(tmp_path):
+    """With DDP, no_sync covers every micro-batch but the last of an update."""
+    loader = Loader(5, 8, "cpu")  # an epoch of 5: updates of 2, 2 and the last 1
+    trainer = make_trainer(tmp_path, loader, "train.accum_steps=2")
+    entered = []
+
+    class Reducer:
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(trainer.step_in_epoch)
+            yield
+
+    trainer.ddp = Reducer()
+    updates = [updated for _, _, updated in run_steps(trainer, loader.batches)]
+    trainer.close()
+    assert entered == [0, 2] and updates == [False, True, False, True, True]
+
+
+def test_step_keys_that_cannot_combine_are_refused():
+    with pytest.raises(ConfigError, match="train.checkpoint_interval: must be a multiple of "
+                                          "train.accum_steps=4"):
+        load_config(None, ["train.accum_steps=4", "train.checkpoint_interval=6"])
+    with pytest.raises(ConfigError, match="train.cuda_graphs: .* train.accum_steps > 1"):
+        load_config(None, ["train.accum_steps=2", "train.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="train.compile: 'fast' is not one of none, default"):
+        load_config(None, ["train.compile=fast"])
+    with pytest.raises(ConfigError, match="train.accum_steps: must be >= 1"):
+        load_config(None, ["train.accum_steps=0"])
