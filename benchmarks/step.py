@@ -1,38 +1,31 @@
 """Training-step benchmark: deit-fast's DeiT with each kernel setting against timm's model.
 
-One full training step as the trainer runs it (bf16 autocast forward, soft-target
-cross-entropy, backward, fused AdamW with the DeiT parameter groups, EMA update; not its
-per-step NaN guard, which timm's side would lack), on
-random images already on the GPU, at 224 px and batch 256 per GPU. Rows, all in one run,
-for each of DeiT-Ti/S/B: ours with every Triton op, with torch/SDPA only, with each Triton
-op alone, ours (all Triton) under torch.compile, timm's same model eager (fused_attn on,
-timm's default) and timm under torch.compile. Columns: img/s (median of the timed steps
-after warm-up, CUDA events), MFU against a bf16 matmul peak measured in the same run, peak
-memory, and speed-up over timm eager. A row that fails (OOM, compile error) is recorded
-with its error; the run goes on.
+Every row times `Trainer.train_step`, the trainer's own step (Mixup/CutMix, bf16 autocast
+forward, soft-target cross-entropy and the --distill loss, backward, the non-finite guard
+on the gradients, fused AdamW with the DeiT parameter groups, EMA), on a batch already on
+the GPU, at 224 px and batch 256 per GPU; timm's model goes through the same Trainer.
+Rows, all in one run, for each of DeiT-Ti/S/B: ours with every Triton op, with torch/SDPA
+only, with each Triton op alone, ours (all Triton) with train.compile=default, timm's same
+model eager (fused_attn on, timm's default) and timm compiled; with --cuda-graphs also ours
+(all Triton) with train.cuda_graphs. Columns: img/s (median of the timed steps after
+warm-up, CUDA events), MFU against a bf16 matmul peak measured in the same run, peak
+memory, and speed-up over timm eager. A row that fails (OOM, compile error, a host sync
+under --sync-debug) is recorded with its error; the run goes on.
 
     python benchmarks/step.py [--models tiny,small,base] [--steps 30] [--warmup 10]
                               [--batch 256] [--max-batch] [--budget-s S] [--out DIR]
+                              [--distill none|soft|hard] [--cuda-graphs] [--sync-debug]
     (or: deit-fast bench step ...)
 
-Writes step_<device>.csv (after every row, so a killed run keeps what it measured), a
-.json sidecar (device, versions, date, command, peak, FLOPs, targets) and a .png bar
-chart (when matplotlib is importable) to --out, and prints the table last. --smoke runs a
-one-block model at 32 px on the CPU (Triton under the interpreter, fp32): its numbers
-mean nothing, it keeps the script working in CI.
+--sync-debug times the steps under torch.cuda.set_sync_debug_mode("error"): a step that
+waits for the GPU fails its row. Writes step_<device>.csv (after every row, so a killed run
+keeps what it measured), a .json sidecar (device, versions, date, command, peak, FLOPs,
+targets) and a .png bar chart (when matplotlib is importable) to --out, and prints the
+table last. --smoke runs a one-block model at 32 px on the CPU (Triton under the
+interpreter, fp32): its numbers mean nothing, it keeps the script working in CI.
 
-FLOPs per image for one training step (a multiply-add is 2 FLOPs; LayerNorm, GELU,
-softmax and the optimizer are not counted), with C the width, L the depth, H the MLP
-hidden width, N the tokens (patches P plus class/distillation tokens), p the patch size:
-    forward = 2*P*3*p^2*C                    patch embedding
-            + L*(2*N*C*(4*C + 2*H)           qkv, proj, fc1, fc2
-                 + 4*N^2*C)                  q@k^T and attn@v
-            + 2*C*classes*heads              classifier head(s)
-    step    = 3 * forward - 2*P*3*p^2*C      backward is twice the forward, except that
-                                             the images need no gradient
-DeiT-Ti/S/B: 7.5, 27.5 and 105 GFLOPs a step per image (1.3, 4.6, 17.6 GMACs forward).
-timm's model is the same network, so the same count is used for it; MFU = FLOPs per image
-* img/s / the matmul peak measured in the same run.
+FLOPs per image of a training step: deit_fast/flops.py (the count the trainer logs MFU
+with); timm's model is the same network, so the same count is used for it.
 """
 
 from __future__ import annotations
@@ -44,14 +37,15 @@ import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Run as a script, this folder heads sys.path and benchmarks/kernels.py would shadow the
@@ -61,12 +55,13 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
     sys.path[0] = str(_HERE.parent)
 
 from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
-from deit_fast.config import OptimConfig  # noqa: E402
-from deit_fast.ema import ModelEma  # noqa: E402
-from deit_fast.losses import soft_target_cross_entropy  # noqa: E402
+from data_pipeline import Mixup  # noqa: E402
+from deit_fast import flops as step_flops  # noqa: E402
+from deit_fast.config import load_config  # noqa: E402
+from deit_fast.losses import DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402
-from deit_fast.optim import build_optimizer, scaled_lr  # noqa: E402
+from deit_fast.train import Trainer  # noqa: E402
 
 MODELS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224",
           "base": "deit_base_patch16_224"}
@@ -84,6 +79,7 @@ class Setting:
     kernels: KernelChoice | None  # None for timm
     compiled: bool
     priority: int  # rows run in this order, so that --budget-s cuts the least needed ones
+    cuda_graphs: bool = False  # only with --cuda-graphs
 
 
 SETTINGS = [
@@ -95,6 +91,7 @@ SETTINGS = [
     Setting("timm eager", "timm", None, False, 0),
     Setting("ours triton compiled", "ours", TRITON, True, 1),  # slow to compile: late
     Setting("timm compiled", "timm", None, True, 1),
+    Setting("ours triton cuda graphs", "ours", TRITON, False, 1, cuda_graphs=True),
 ]
 BASELINE = "timm eager"
 
@@ -105,27 +102,16 @@ class Run:
     amp_dtype: torch.dtype | None  # None: fp32, no autocast
     steps: int
     warmup: int
-    compile_backend: str
     overrides: dict[str, Any] = field(default_factory=dict)  # model shape changes (smoke)
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                              enabled=self.amp_dtype is not None)
+    distill: str = "none"
+    sync_debug: bool = False
 
 
 def train_flops_per_image(name: str, overrides: dict[str, Any]) -> float:
-    """The module docstring's count, read off the model's shapes (built on the meta device)."""
+    """deit_fast.flops' count, read off the model's shapes (built on the meta device)."""
     with torch.device("meta"):
         model = create_model(name, **overrides)
-    c, p = model.embed_dim, model.patch_size
-    patches = model.grid**2
-    tokens = patches + model.num_prefix_tokens
-    hidden = model.blocks[0].mlp.fc1.out_features
-    heads = 2 if model.distilled else 1
-    patch_embed = 2 * patches * 3 * p * p * c
-    blocks = len(model.blocks) * (2 * tokens * c * (4 * c + 2 * hidden) + 4 * tokens**2 * c)
-    forward = patch_embed + blocks + 2 * c * model.num_classes * heads
-    return 3 * forward - patch_embed
+    return step_flops.train_flops_per_image(model)
 
 
 def _build(setting: Setting, name: str, run: Run) -> nn.Module:
@@ -142,31 +128,55 @@ def _build(setting: Setting, name: str, run: Run) -> nn.Module:
     return model.to(run.device)
 
 
-def _train_step(model: nn.Module, setting: Setting, batch: int, run: Run) -> Callable[[], None]:
-    """The trainer's step on fixed random data: forward, loss, backward, AdamW, EMA."""
-    optim_cfg = OptimConfig()
-    optimizer = build_optimizer(model, optim_cfg, scaled_lr(optim_cfg, batch), run.device)
-    ema = ModelEma(model, EMA_DECAY)
-    forward = torch.compile(model, backend=run.compile_backend) if setting.compiled else model
+class _Batches:
+    """The trainer's loader seam over one batch already on the device."""
+
+    def __init__(self, batch: SimpleNamespace) -> None:
+        self.batch, self.steps_per_epoch, self.bad_images = batch, 1000, 0
+
+    def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None):
+        yield from (self.batch for _ in range(start_step, self.steps_per_epoch))
+
+
+def _trainer(model: nn.Module, name: str, setting: Setting, batch: int, run: Run,
+             run_dir: str) -> tuple[Trainer, SimpleNamespace]:
+    """The recipe's Trainer (mixup 0.8, cutmix 1.0, EMA, --distill) around `model`."""
+    cfg = load_config(None, [
+        f"model.name={name}", f"data.batch_size={batch}", f"distill.type={run.distill}",
+        "distill.source=cache", "distill.cache_dir=random-targets",
+        f"train.precision={'bf16' if run.amp_dtype else 'fp32'}",
+        f"train.device={run.device.type}", f"train.ema_decay={EMA_DECAY}",
+        f"train.compile={'default' if setting.compiled else 'none'}",
+        f"train.cuda_graphs={setting.cuda_graphs}", "train.progress=false",
+        f"train.output_dir={run_dir}"])
     size = run.overrides.get("img_size", 224)  # every benchmarked model is a 224 px one
-    images = torch.randn(batch, 3, size, size, device=run.device)
-    classes = model.head.out_features
-    labels = torch.randint(0, classes, (batch,), device=run.device)
-    targets = F.one_hot(labels, classes).float() * 0.9 + 0.1 / classes  # label smoothing 0.1
+    classes = model.num_classes
+    data = SimpleNamespace(
+        images=torch.randn(batch, 3, size, size, device=run.device),
+        labels=torch.randint(0, classes, (batch,), device=run.device),
+        teacher=torch.softmax(torch.randn(batch, classes, device=run.device), dim=-1))
+    d = cfg.data
+    mix = Mixup(d.mixup, d.cutmix, d.mixup_prob, d.mixup_switch_prob, d.label_smoothing,
+                classes)
+    criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
+    trainer = Trainer(cfg, model, _Batches(data), None, criterion, mix, run.device, run_dir,
+                      teacher_targets=(lambda b: b.teacher) if run.distill != "none" else None)
+    return trainer, data
+
+
+def _train_step(trainer: Trainer, data: SimpleNamespace) -> Callable[[], None]:
+    """Trainer.train_step as fit() calls it, the step's position advancing (mixup draws)."""
 
     def step() -> None:
-        with run.autocast():
-            loss = soft_target_cross_entropy(forward(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema.update()
+        _, bad = trainer.train_step(data)
+        trainer.count_bad(bad)
+        trainer.step_in_epoch = (trainer.step_in_epoch + 1) % trainer.train_loader.steps_per_epoch
 
     return step
 
 
 def _step_times_ms(step: Callable[[], None], run: Run) -> list[float]:
-    for _ in range(run.warmup):  # the first steps also compile and autotune
+    for _ in range(run.warmup):  # the first steps also compile, autotune and capture
         step()
     if run.device.type != "cuda":
         times = []
@@ -177,12 +187,17 @@ def _step_times_ms(step: Callable[[], None], run: Run) -> list[float]:
         return times
     torch.cuda.synchronize()
     events = []
-    for _ in range(run.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        events.append((start, end))
+    torch.cuda.set_sync_debug_mode("error" if run.sync_debug else "default")
+    try:
+        for _ in range(run.steps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            events.append((start, end))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in events]
 
@@ -191,7 +206,12 @@ def _measure(setting: Setting, model_key: str, batch: int, run: Run) -> dict[str
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     model = _build(setting, MODELS[model_key], run)
-    step_ms = statistics.median(_step_times_ms(_train_step(model, setting, batch, run), run))
+    with tempfile.TemporaryDirectory(prefix="deit-fast-step-") as run_dir:
+        trainer, data = _trainer(model, MODELS[model_key], setting, batch, run, run_dir)
+        try:
+            step_ms = statistics.median(_step_times_ms(_train_step(trainer, data), run))
+        finally:
+            trainer.close()
     peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" \
         else None
     return {"step_ms": step_ms, "img_per_s": batch / step_ms * 1e3, "peak_mem_gib": peak}
@@ -226,7 +246,7 @@ def measure_row(setting: Setting, model_key: str, batch: int, run: Run, flops: f
         row["status"] = f"error: {type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"
     else:
         row.update(img_per_s=round(result["img_per_s"], 1), step_ms=round(result["step_ms"], 3),
-                   mfu=round(flops * result["img_per_s"] / (peak_tflops * 1e12), 4))
+                   mfu=round(step_flops.mfu(flops, result["img_per_s"], peak_tflops), 4))
         if result["peak_mem_gib"] is not None:
             row["peak_mem_gib"] = round(result["peak_mem_gib"], 2)
     finally:
@@ -246,7 +266,7 @@ def matmul_peak_tflops(run: Run, smoke: bool) -> float:
     dtype = torch.float32 if smoke else torch.bfloat16
     a = torch.randn(n, n, device=run.device, dtype=dtype)
     b = torch.randn(n, n, device=run.device, dtype=dtype)
-    timing = Run(run.device, None, steps=20, warmup=5, compile_backend=run.compile_backend)
+    timing = Run(run.device, None, steps=20, warmup=5)
     ms = statistics.median(_step_times_ms(lambda: a @ b, timing))
     return 2 * n**3 / ms / 1e9
 
@@ -348,6 +368,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no row after this many seconds (later rows are recorded "
                              "as skipped)")
+    parser.add_argument("--distill", choices=("none", "soft", "hard"), default="none",
+                        help="the distillation loss of every row, on random teacher targets "
+                             "(a cache's, already looked up)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also the row of ours (all Triton) with train.cuda_graphs")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="time under torch.cuda.set_sync_debug_mode('error'): a host "
+                             "sync in a step fails its row")
     parser.add_argument("--smoke", action="store_true",
                         help="a one-block model at 32 px on the CPU, Triton interpreted (CI)")
     parser.add_argument("--out", type=Path, default=_HERE / "results",
@@ -370,6 +398,8 @@ def _run_rows(args: argparse.Namespace, run: Run, flops: dict[str, float], peak:
         if args.budget_s is not None and time.monotonic() - started > args.budget_s:
             result = blank_row(setting, model_key, batch,
                                f"skipped: time budget (--budget-s {args.budget_s:g})")
+        elif setting.cuda_graphs and run.device.type != "cuda":
+            result = blank_row(setting, model_key, batch, "skipped: CUDA graphs need a GPU")
         elif setting.compiled and setting.kernels and run.device.type != "cuda":
             result = blank_row(setting, model_key, batch, "skipped: torch.compile cannot trace "
                                "interpreted Triton ops (the gpu tests cover it)")
@@ -381,7 +411,8 @@ def _run_rows(args: argparse.Namespace, run: Run, flops: dict[str, float], peak:
 
     # The rows the targets need for every model, then the compiled ones, then the per-op
     # diagnostics; within a priority, models in the order given.
-    plan = [(s, m) for s in SETTINGS for m in args.models]
+    plan = [(s, m) for s in SETTINGS for m in args.models
+            if args.cuda_graphs or not s.cuda_graphs]
     for setting, model_key in sorted(plan, key=lambda p: (p[0].priority,
                                                           args.models.index(p[1]))):
         row(setting, model_key, args.batch)
@@ -404,11 +435,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if on_cuda else "cpu")
     if args.smoke:
-        run = Run(device, None, steps=1, warmup=1, compile_backend="eager",
-                  overrides={"img_size": 32, "depth": 1})
+        run = Run(device, None, steps=1, warmup=1, overrides={"img_size": 32, "depth": 1},
+                  distill=args.distill)
         args.models, args.batch = args.models[:1], 2
     else:
-        run = Run(device, torch.bfloat16, args.steps, args.warmup, "inductor")
+        # CUDA graphs capture after three eager steps: warm-up covers them
+        run = Run(device, torch.bfloat16, args.steps, max(args.warmup, 5), distill=args.distill,
+                  sync_debug=args.sync_debug)
     name = device_name(device)
     peak = matmul_peak_tflops(run, args.smoke)
     flops = {m: train_flops_per_image(MODELS[m], run.overrides) for m in args.models}
@@ -417,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         "timm": timm.__version__,
         "precision": "bf16 autocast" if run.amp_dtype else "fp32",
         "batch": args.batch, "steps": run.steps, "warmup": run.warmup,
-        "compile_backend": run.compile_backend, "model_overrides": run.overrides,
+        "compile": "train.compile=default (inductor)", "distill": run.distill,
+        "sync_debug": run.sync_debug, "model_overrides": run.overrides,
         "peak_matmul_tflops": float(f"{peak:.4g}"),
         "train_flops_per_image": {LABELS[m]: flops[m] for m in args.models},
     }

@@ -1,14 +1,15 @@
 """The Triton kernels on a CUDA GPU: bf16 and fp16 against an fp32 reference, the full
-torch.library op checks, a torch.compile'd block (no graph break) and CUDA graph capture.
+torch.library op checks, deit_fast's Block compiled with fullgraph=True (no graph break)
+and captured in a CUDA graph.
 
 Skipped without a GPU; scripts/gpu_check.sh runs them.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from deit_fast.models.deit import Attention, Block, LayerNorm, Mlp
 from kernels import (
     attention,
     attention_reference,
@@ -125,22 +126,13 @@ def test_ops_pass_torch_library_opcheck() -> None:
         torch.library.opcheck(op, args)
 
 
-class _Block(nn.Module):
-    """A pre-norm ViT block wired like deit_fast's: fused residual LayerNorm, packed-qkv
-    attention, fc1 without its bias followed by bias_gelu."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, x = layer_norm(x, self.norm1.weight, self.norm1.bias, 1e-6, pending)
-        branch = self.proj(attention(self.qkv(h), self.num_heads))
-        h, x = layer_norm(x, self.norm2.weight, self.norm2.bias, 1e-6, branch)
-        return x, self.fc2(bias_gelu(F.linear(h, self.fc1.weight), self.fc1.bias))
+def _triton_block(dim: int, num_heads: int) -> Block:
+    """deit_fast's own Block, every op on its Triton kernel."""
+    block = Block(dim, num_heads, mlp_ratio=4.0, drop_path=0.0)
+    for module in block.modules():
+        if isinstance(module, (Attention, LayerNorm, Mlp)):
+            module.impl = "triton"
+    return block
 
 
 def _block_step(block: nn.Module, x: torch.Tensor, pending: torch.Tensor) -> list[torch.Tensor]:
@@ -155,7 +147,7 @@ def _block_step(block: nn.Module, x: torch.Tensor, pending: torch.Tensor) -> lis
 
 def test_compiled_block_matches_eager() -> None:
     torch.manual_seed(0)
-    block = _Block(384, 6).to(DEVICE)
+    block = _triton_block(384, 6).to(DEVICE)
     x, pending = torch.randn(2, 2, 197, 384, device=DEVICE).unbind(0)
     compiled = torch.compile(block, fullgraph=True)  # a graph break in an op would fail here
     for got, expected in zip(_block_step(compiled, x, pending), _block_step(block, x, pending)):
@@ -164,7 +156,7 @@ def test_compiled_block_matches_eager() -> None:
 
 def test_block_captures_into_cuda_graph() -> None:
     torch.manual_seed(0)
-    block = _Block(192, 3).to(DEVICE, torch.bfloat16)
+    block = _triton_block(192, 3).to(DEVICE, torch.bfloat16)
     x, pending = torch.randn(2, 4, 197, 192, device=DEVICE, dtype=torch.bfloat16).unbind(0)
     expected = block(x, pending)
     sample = (x.clone().requires_grad_(), pending.clone().requires_grad_())

@@ -14,6 +14,7 @@ from deit_fast.config import ConfigError, load_config
 from deit_fast.evaluate import evaluate
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
+from deit_fast.ops import KernelChoice
 from deit_fast.train import Trainer
 
 aten = torch.ops.aten
@@ -67,8 +68,7 @@ class Loader:
         yield from self.batches[start_step:]
 
 
-def make_trainer(tmp_path, loader, *overrides, device="cpu", model_name=None, mix=None,
-                 depth=1):
+def make_trainer(tmp_path, loader, *overrides, device="cpu", kernels=None, **shape):
     cfg = load_config(None, [
         "model.name=deit_micro_distilled_patch4_32", "model.drop_path=0.1",
         "data.batch_size=8", "train.precision=fp32", "train.ema_decay=0.9",
@@ -76,9 +76,9 @@ def make_trainer(tmp_path, loader, *overrides, device="cpu", model_name=None, mi
         "distill.type=hard", "distill.source=cache", "distill.cache_dir=unused",
         f"train.output_dir={tmp_path}", *overrides])
     torch.manual_seed(0)
-    model = create_model(model_name or cfg.model.name, num_classes=CLASSES, depth=depth,
-                         drop_path_rate=cfg.model.drop_path).to(device)
-    mix = mix or Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
+    model = create_model(cfg.model.name, num_classes=CLASSES, kernels=kernels,
+                         drop_path_rate=cfg.model.drop_path, **{"depth": 1, **shape}).to(device)
+    mix = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
                        label_smoothing=cfg.data.label_smoothing, num_classes=CLASSES)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     return Trainer(cfg, model, loader, None, criterion, mix, torch.device(device), tmp_path,
@@ -257,3 +257,45 @@ def test_step_keys_that_cannot_combine_are_refused():
         load_config(None, ["train.compile=fast"])
     with pytest.raises(ConfigError, match="train.accum_steps: must be >= 1"):
         load_config(None, ["train.accum_steps=0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graphs"])
+def test_steps_run_under_sync_debug_error(tmp_path, graphs):
+    """On the GPU, with the Triton kernels: a step that waits for the device raises."""
+    loader = Loader(8, 8, "cuda")
+    trainer = make_trainer(tmp_path, loader, "train.precision=bf16",
+                           f"train.cuda_graphs={graphs}", device="cuda",
+                           kernels=KernelChoice("triton", "triton", "triton"), embed_dim=192)
+    run_steps(trainer, loader.batches[:4])  # warm-up (and the capture, after three)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in loader.batches[4:]:
+            _, bad = trainer.train_step(batch)
+            trainer.count_bad(bad)
+            trainer.step_in_epoch += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.bad_steps.item() == 0
+    trainer.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_equals_eager(tmp_path):
+    """train.cuda_graphs replays the eager step: the same losses, weights and EMA (fp32,
+    no drop path, whose random masks the graph draws from another offset)."""
+    results = {}
+    for graphs in (False, True):
+        loader = Loader(10, 8, "cuda")
+        trainer = make_trainer(tmp_path / str(graphs), loader, "model.drop_path=0.0",
+                               f"train.cuda_graphs={graphs}", "optim.warmup_epochs=0",
+                               device="cuda")
+        losses = [loss for loss, _, _ in run_steps(trainer, loader.batches)]
+        results[graphs] = losses, trainer.model.state_dict(), trainer.ema.state_dict()
+        trainer.close()
+    (eager, weights, ema), (graphed, graphed_weights, graphed_ema) = results.values()
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+    for a, b in ((weights, graphed_weights), (ema, graphed_ema)):
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
