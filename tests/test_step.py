@@ -299,3 +299,40 @@ def test_cuda_graph_step_equals_eager(tmp_path):
     for a, b in ((weights, graphed_weights), (ema, graphed_ema)):
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deit_micro_patch4_32", "deit_micro_distilled_patch4_32"])
+def test_flops_per_image_equal_torch_flop_counter(name):
+    """deit_fast.flops' formula against torch's FlopCounterMode over a training forward and
+    backward (eager attention, so both attention matmuls are counted as bmm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deit_fast.flops import train_flops_per_image
+
+    model = create_model(name, num_classes=7, kernels=KernelChoice("eager", "torch", "torch"))
+    images = torch.randn(3, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        outputs = model(images)
+        sum(o.sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,))).backward()
+    assert train_flops_per_image(model) == counter.get_total_flops() / 3
+    assert train_flops_per_image(torch.nn.Linear(2, 2)) is None
+    assert train_flops_per_image(create_model("deit_small_patch16_224")) == pytest.approx(
+        27.5e9, rel=0.01)  # the docstring's DeiT-S
+
+
+def test_metrics_log_mfu_beside_img_per_s(tmp_path):
+    from deit_fast.flops import train_flops_per_image
+
+    for peak, expect_mfu in ((None, False), (2.5, True)):
+        extra = [] if peak is None else [f"train.peak_tflops={peak}"]
+        run = tmp_path / str(peak)
+        trainer = make_trainer(run, Loader(2, 8, "cpu"), "train.log_interval=1", *extra)
+        trainer.fit()
+        trainer.close()
+        [first, *_] = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        assert first["img_per_s"] > 0
+        if expect_mfu:
+            flops = train_flops_per_image(trainer.model)
+            assert first["mfu"] == pytest.approx(flops * first["img_per_s"] / 2.5e12)
+        else:
+            assert first["mfu"] is None  # a CPU has no known peak
