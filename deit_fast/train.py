@@ -61,12 +61,15 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                          fullgraph=cfg.compile_fullgraph)
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device, accumulate: bool = False) -> nn.Module:
     """DDP writing gradients straight into its buckets; DeiT runs the same graph every step
-    (drop path scales, never skips), and static_graph also covers an unused distillation head."""
+    (drop path scales, never skips), and static_graph also covers an unused distillation head.
+    Accumulation needs no_sync, which static_graph breaks in torch 2.14 (an internal assert,
+    pytorch/pytorch#187732): there, unused parameters are found each step instead."""
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True, static_graph=True)
+        gradient_as_bucket_view=True, static_graph=not accumulate,
+        find_unused_parameters=accumulate)
 
 
 class Trainer:
@@ -101,7 +104,7 @@ class Trainer:
         self.unit = torch.ones((), device=device)
         self.updated = False  # whether the last train_step ended with an update
         # DDP broadcasts rank 0's weights; the EMA copies them after that, from the bare module.
-        self.ddp = wrap_ddp(model, device) if self.dist.active else None
+        self.ddp = wrap_ddp(model, device, self.accum_steps > 1) if self.dist.active else None
         self.ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None
         # compile outside DDP, so DDP's bucketing sees the compiled graph's gradients
         self.forward = compile_model(self.ddp or model, cfg.train)

@@ -336,3 +336,27 @@ def test_metrics_log_mfu_beside_img_per_s(tmp_path):
             assert first["mfu"] == pytest.approx(flops * first["img_per_s"] / 2.5e12)
         else:
             assert first["mfu"] is None  # a CPU has no known peak
+
+
+def test_accumulation_under_ddp_equals_one_process(tmp_path):
+    """Two gloo ranks of batch 2 with train.accum_steps=2 (no_sync on the first micro-batch)
+    make the same two updates as one process with batch 8."""
+    from deit_fast import checkpoint
+    from deit_fast.run import train
+    from tests.test_distributed import EXACT_DATA, torchrun
+    from tests.test_faults import overrides
+    from tests.test_train import tiny_config, write_tiny_imagefolder
+
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data, classes=2, per_class=16)  # 32 images: 4 updates of 8 an epoch
+    ranks = torchrun("--at", "1000", "--", *overrides(
+        data, tmp_path / "ddp", *EXACT_DATA, "data.batch_size=2", "train.accum_steps=2",
+        "train.max_steps=4"))
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    train(tiny_config(data, tmp_path / "one", *EXACT_DATA, "data.batch_size=8",
+                      "train.max_steps=2"))
+    a, b = (checkpoint.load(tmp_path / run / "checkpoints" / "last.pt") for run in ("ddp", "one"))
+    assert a["item_in_epoch"] == b["item_in_epoch"] == 16
+    for key in a["model"]:  # AdamW turns float-summation noise into ~2e-5 (see test_distributed)
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-4)
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=1e-4)
