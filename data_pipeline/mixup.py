@@ -115,6 +115,8 @@ class Mixup:
         extra: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         perm, weights = self.params(key, images.shape[-2], images.shape[-1], len(images))
+        if images.is_cuda:  # pinned (from torch's caching host allocator): a truly async copy
+            perm, weights = perm.pin_memory(), weights.pin_memory()
         perm = perm.to(images.device, non_blocking=True)
         weights = weights.to(images.device, non_blocking=True)
         return self.apply(images, labels, perm, weights, extra)

@@ -79,7 +79,8 @@ def make_trainer(tmp_path, loader, *overrides, device="cpu", kernels=None, **sha
     model = create_model(cfg.model.name, num_classes=CLASSES, kernels=kernels,
                          drop_path_rate=cfg.model.drop_path, **{"depth": 1, **shape}).to(device)
     mix = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
-                       label_smoothing=cfg.data.label_smoothing, num_classes=CLASSES)
+                prob=cfg.data.mixup_prob, label_smoothing=cfg.data.label_smoothing,
+                num_classes=CLASSES)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     return Trainer(cfg, model, loader, None, criterion, mix, torch.device(device), tmp_path,
                    teacher_targets=lambda batch: batch.teacher)
@@ -360,3 +361,39 @@ def test_accumulation_under_ddp_equals_one_process(tmp_path):
     for key in a["model"]:  # AdamW turns float-summation noise into ~2e-5 (see test_distributed)
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-4)
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=1e-4)
+
+
+class OpTrace(TorchDispatchMode):
+    """Every op with its output shapes: what a CUDA graph would capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.ops.append((str(func), tuple(tuple(o.shape) for o in outs
+                                          if isinstance(o, torch.Tensor))))
+        return out
+
+
+def test_every_step_runs_the_same_ops_on_the_same_shapes(tmp_path):
+    """What train.cuda_graphs needs, checked on the CPU: Mixup, CutMix (boxes of every size)
+    and unmixed batches, skipped and applied updates all run one op sequence, so one capture
+    replays them all."""
+    loader = Loader(12, 8, "cpu")
+    trainer = make_trainer(tmp_path, loader, "data.mixup_prob=0.7")
+    trainer.model.head.weight.register_hook(  # a skipped update among them (same op each step)
+        lambda g: g * (float("inf") if trainer.step_in_epoch == 5 else 1.0))
+    run_steps(trainer, loader.batches[:1])  # the first update creates the optimizer state
+    kinds, traces = set(), []
+    for batch in loader.batches[1:]:
+        _, box, perm = trainer.mix.draw((0, trainer.step_in_epoch, 0), 32, 32, 8)
+        kinds.add("none" if perm is None else "mixup" if box is None else "cutmix")
+        with OpTrace() as trace:
+            run_steps(trainer, [batch])
+        traces.append(trace.ops)
+    trainer.close()
+    assert kinds == {"none", "mixup", "cutmix"} and trainer.bad_steps.item() == 1
+    assert all(t == traces[0] for t in traces[1:])
