@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 WARMUP = 3
 
 
+def _pinned(x: Tensor) -> Tensor:
+    """A host tensor in pinned memory, so its copy to the GPU does not wait; else x."""
+    return x.pin_memory() if x.device.type == "cpu" else x
+
+
 class CapturedStep:
     def __init__(self, trainer: Trainer, device: torch.device) -> None:
         if device.type != "cuda":
@@ -46,7 +51,7 @@ class CapturedStep:
 
     def __call__(self, images: Tensor, labels: Tensor, perm: Tensor, weights: Tensor,
                  teacher: Tensor | None) -> tuple[Tensor, Tensor]:
-        inputs = [x if x is None else x.to(self.device, non_blocking=True)
+        inputs = [x if x is None else _pinned(x).to(self.device, non_blocking=True)
                   for x in (images, labels, perm, weights, teacher)]
         if self.graph is None and self.steps < WARMUP:
             self.steps += 1
