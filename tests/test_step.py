@@ -397,3 +397,16 @@ def test_every_step_runs_the_same_ops_on_the_same_shapes(tmp_path):
     trainer.close()
     assert kinds == {"none", "mixup", "cutmix"} and trainer.bad_steps.item() == 1
     assert all(t == traces[0] for t in traces[1:])
+
+
+def test_evaluation_reads_the_device_once(tmp_path):
+    """The sums stay on the device: 2 and 6 batches cost the same syncs (the final read)."""
+    model = create_model("deit_micro_patch4_32", num_classes=CLASSES, depth=1)
+    counts = []
+    for batches in (2, 6):
+        loader = [(b.images, b.labels) for b in Loader(batches, 4, "cpu").batches]
+        with SyncCount() as count:
+            result = evaluate(model, loader, torch.device("cpu"))
+        counts.append(count.total)
+        assert 0 <= result["top1"] <= result["top5"] <= 100
+    assert counts[0] == counts[1]
