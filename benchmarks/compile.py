@@ -272,6 +272,7 @@ def compile_job(job: Job) -> Result:
                     + (f" (+{len(job.cases) - 1})" if len(job.cases) > 1 else ""))
     fn = getattr(importlib.import_module(job.module), job.name)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report is printed on stdout
+    knobs.compilation.always_compile = True  # a cache hit would have no report and no time
     log = io.StringIO()
     start = time.perf_counter()
     try:
@@ -392,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     with cache, ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         jobs, unlaunched = pool.submit(enumerate_jobs, archs, args.quick).result()
         jobs.sort(key=lambda j: (-j.arch, j.name, j.cases[0]))
-        results = list(pool.map(compile_job, jobs))
+        results = []
+        for result in pool.map(compile_job, jobs):
+            results.append(result)
+            print(f"[{len(results)}/{len(jobs)}] sm_{result.arch} {result.kernel} {result.config}"
+                  f" {result.status} {result.seconds:.1f} s", file=sys.stderr, flush=True)
         results += [Result(archs[0], name.strip("_").removesuffix("_kernel"), "-", "-", "-",
                            "error", "no case of benchmarks/compile.py launches it")
                     for name in unlaunched]
