@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deit_fast.config import ConfigError, load_config
 
-BENCHMARKS = ("kernels", "step", "data", "distill")
+BENCHMARKS = ("kernels", "step", "data", "distill", "compile")
 
 
 def _parser() -> argparse.ArgumentParser:

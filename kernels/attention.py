@@ -169,27 +169,34 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     ]
 
 
+_KERNELS = (_attention_fwd_kernel, _attention_bwd_dq_kernel, _attention_bwd_dkdv_kernel)
 if INTERPRETED:
     # The interpreter cannot autotune; fixed tiles of unequal size still cover every mask.
-    _fwd, _bwd_dq, _bwd_dkdv = (
-        _attention_fwd_kernel, _attention_bwd_dq_kernel, _attention_bwd_dkdv_kernel
-    )
+    _LAUNCHED = {"tf32": _KERNELS, "ieee": _KERNELS}
     _FIXED_TILES = {"BLOCK_M": 64, "BLOCK_N": 32}
 else:
-    # Few configs: each one compiles per dtype and head dim. (BLOCK_M, BLOCK_N, warps, stages)
-    _TUNE_KEY = ["seq_len", "HEAD_DIM"]
-    _fwd = triton.autotune(
-        _configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]),
-        key=_TUNE_KEY,
-    )(_attention_fwd_kernel)
-    _bwd_dq = triton.autotune(
-        _configs([(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)]),
-        key=_TUNE_KEY,
-    )(_attention_bwd_dq_kernel)
-    _bwd_dkdv = triton.autotune(
-        _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]),
-        key=_TUNE_KEY,
-    )(_attention_bwd_dkdv_kernel)
+    # Few configs: each compiles per dtype and head dim on the first step, and every one
+    # must build without spills at every head dim, on sm_90 and sm_80 (benchmarks/compile.py).
+    # (BLOCK_M, BLOCK_N, warps, stages) for the fwd, dq and dk/dv kernels.
+    _TILES = {
+        # fp16/bf16: the rows of each dot's first operand (BLOCK_M for fwd and dq, BLOCK_N
+        # for dk/dv) stay at 64 or more, what Hopper's wgmma needs (32 rows fall back to
+        # mma); the dk/dv kernel keeps two fp32 accumulators, so its 64-row tile takes 8
+        # warps (4 spill at head dim 128), and fwd's 2-stage 64x64 tile spills on sm_80.
+        "tf32": ([(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+                 [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+                 [(64, 64, 8, 2), (32, 64, 4, 2)]),
+        # fp32 (the test path): dots run on FMA with whole operand rows in registers, so
+        # small tiles over 8 warps, one config each.
+        "ieee": ([(16, 32, 8, 1)], [(16, 16, 8, 1)], [(16, 32, 8, 1)]),
+    }
+    _LAUNCHED = {
+        precision: tuple(
+            triton.autotune(_configs(shapes), key=["seq_len", "HEAD_DIM"])(kernel)
+            for kernel, shapes in zip(_KERNELS, tiles)
+        )
+        for precision, tiles in _TILES.items()
+    }
     _FIXED_TILES = {}
 
 
@@ -205,7 +212,8 @@ def _attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, T
     out = torch.empty((batch, seq_len, num_heads * head_dim), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((batch, num_heads, seq_len), device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_heads)
-    wrap_triton(_fwd)[grid](
+    fwd, _, _ = _LAUNCHED[_input_precision(qkv.dtype)]
+    wrap_triton(fwd)[grid](
         qkv, out, lse, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         seq_len, num_heads, scale * _LOG2E,
         HEAD_DIM=head_dim, INPUT_PRECISION=_input_precision(qkv.dtype), **_FIXED_TILES,
@@ -222,8 +230,9 @@ def _attention_bwd(
     dqkv = torch.empty((batch, seq_len, packed), device=qkv.device, dtype=qkv.dtype)
     delta = torch.empty_like(lse)
     precision = _input_precision(qkv.dtype)
+    _, bwd_dq, bwd_dkdv = _LAUNCHED[precision]
     grid_m = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_heads)
-    wrap_triton(_bwd_dq)[grid_m](
+    wrap_triton(bwd_dq)[grid_m](
         qkv, out, dout, lse, delta, dqkv,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
@@ -231,7 +240,7 @@ def _attention_bwd(
         HEAD_DIM=head_dim, INPUT_PRECISION=precision, **_FIXED_TILES,
     )
     grid_n = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_heads)
-    wrap_triton(_bwd_dkdv)[grid_n](
+    wrap_triton(bwd_dkdv)[grid_n](
         qkv, dout, lse, delta, dqkv,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1),
         dqkv.stride(0), dqkv.stride(1), seq_len, num_heads, scale * _LOG2E, scale,

@@ -13,8 +13,8 @@ from torch.library import triton_op, wrap_triton
 
 from kernels.runtime import row_programs_cap
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
 _MAX_BLOCK_C = 256
 _TILE_ELEMENTS = 4096
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -3,6 +3,8 @@
 s is the new residual stream: both outputs are used downstream, so the backward takes a
 gradient for each and returns ds + dLN(dy) to x and to the residual. dweight and dbias are
 reduced in two stages, in fp32: each program sums its rows, then the partial rows are summed.
+Under autocast y feeds a low-precision Linear, so it is written in the compute dtype while
+s keeps the residual stream's dtype.
 """
 
 import torch
@@ -94,15 +96,17 @@ def _tiles(n_cols: int) -> tuple[int, int, int]:
 
 @triton_op("deit_fast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, eps: float
+    x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, eps: float,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, s, mean, rstd); y in y_dtype, by default s's dtype."""
     n_cols = weight.shape[0]
     n_rows = x.numel() // n_cols
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    s_dtype = _stream_dtype(x, residual)
+    y = torch.empty(x.shape, device=x.device, dtype=y_dtype or s_dtype)
     # Without a residual s is x itself, which the caller returns (an op may not return
     # one of its inputs), so s here is an empty placeholder.
-    s = torch.empty(x.shape if residual is not None else (0,), device=x.device, dtype=out_dtype)
+    s = torch.empty(x.shape if residual is not None else (0,), device=x.device, dtype=s_dtype)
     mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     block_m, block_c, num_warps = _tiles(n_cols)
@@ -136,7 +140,7 @@ def _layer_norm_bwd(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual, _ = inputs
+    x, weight, bias, residual, _, _ = inputs
     y, s, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
@@ -153,10 +157,23 @@ def _backward(ctx, dy: Tensor | None, ds: Tensor | None, *_stat_grads: None) -> 
         dy.contiguous(), None if ds is None else ds.contiguous(), s, weight, mean, rstd
     )
     dresidual = None if residual_dtype is None else dsum.to(residual_dtype)
-    return dsum.to(x_dtype), dweight.to(weight.dtype), dbias.to(bias_dtype), dresidual, None
+    return (dsum.to(x_dtype), dweight.to(weight.dtype), dbias.to(bias_dtype), dresidual,
+            None, None)
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _stream_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
+    """s's dtype: the promoted dtype of x and residual (fp32 for an fp32 stream)."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _y_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
+    """y's dtype: the autocast compute dtype when autocast is on, else s's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return _stream_dtype(x, residual)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None) -> None:
@@ -189,13 +206,14 @@ def layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """(y, s): s = x + residual (x when residual is None), y = LayerNorm(s) over the last dim.
 
-    s and y take the promoted dtype of x and residual; statistics are computed in fp32.
-    Any leading shape; non-contiguous inputs are copied first.
+    s takes the promoted dtype of x and residual; so does y, except under autocast, where
+    y is written in the compute dtype. Statistics are computed in fp32. Any leading shape;
+    non-contiguous inputs are copied first.
     """
     _check(x, weight, bias, residual)
     y, s, _, _ = torch.ops.deit_fast.layer_norm_fwd(
         x.contiguous(), weight.contiguous(), bias.contiguous(),
-        None if residual is None else residual.contiguous(), eps,
+        None if residual is None else residual.contiguous(), eps, _y_dtype(x, residual),
     )
     return y, x if residual is None else s
 
@@ -203,7 +221,8 @@ def layer_norm(
 def layer_norm_reference(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6, residual: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Plain torch: s = x + residual, y = F.layer_norm(s)."""
+    """Plain torch: s = x + residual, y = F.layer_norm(s), in y's dtype as layer_norm."""
     _check(x, weight, bias, residual)
     s = x if residual is None else x + residual
-    return torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return y.to(_y_dtype(x, residual)), s

@@ -8,6 +8,7 @@ from kernels import layer_norm, layer_norm_reference
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},
     torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 8e-3},
 }
 
 
@@ -73,6 +74,45 @@ def test_fp32_stream_with_fp16_branch() -> None:
     _check_against_reference(x, torch.randn(192), torch.randn(192), residual)
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("compute", [torch.float16, torch.bfloat16])
+def test_autocast_writes_y_in_compute_dtype(compute: torch.dtype, with_residual: bool) -> None:
+    """Under autocast the stream stays fp32 and y, which feeds a half Linear, is written in
+    the compute dtype: LayerNorm in fp32, then cast. Gradients reach x, the half branch,
+    weight and bias in their own dtypes."""
+    shape = (2, 197, 192)
+    x, weight, bias = torch.randn(shape), torch.randn(192), torch.randn(192)
+    residual = torch.randn(shape).to(compute) if with_residual else None
+    dy, ds = torch.randn(shape).to(compute), torch.randn(shape)
+    results = []
+    for op in (layer_norm, layer_norm_reference):
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias, residual)
+                  if t is not None]
+        with torch.autocast("cpu", dtype=compute):
+            y, s = op(*leaves[:3], 1e-6, leaves[3] if with_residual else None)
+        assert y.dtype == compute and s.dtype == torch.float32
+        outputs, grads_out = ((y, s), (dy, ds)) if with_residual else ((y,), (dy,))
+        results.append((y, s, *torch.autograd.grad(outputs, leaves, grads_out)))
+    expected = _run_fp32(x, weight, bias, residual, dy, ds if with_residual else None)
+    for i, (got, reference, exact) in enumerate(zip(results[0], results[1], expected)):
+        dtype = (compute, torch.float32, torch.float32, torch.float32, torch.float32, compute)[i]
+        assert got.dtype == reference.dtype == dtype
+        tolerance = dict(TOLERANCE[dtype])  # one rounding to the compute dtype at most
+        tolerance["atol"] *= (x.numel() // 192) ** 0.5 if i in (3, 4) else 1  # row sums
+        torch.testing.assert_close(got.float(), exact, **tolerance)
+        torch.testing.assert_close(reference.float(), exact, **tolerance)
+
+
+def _run_fp32(x, weight, bias, residual, dy, ds):
+    """The fp32 truth: LayerNorm of x + residual, and the gradients of dy (and ds)."""
+    leaves = [t.detach().float().requires_grad_() for t in (x, weight, bias, residual)
+              if t is not None]
+    s = leaves[0] + leaves[3] if residual is not None else leaves[0]
+    y = torch.nn.functional.layer_norm(s, (192,), leaves[1], leaves[2], 1e-6)
+    outputs, grads_out = ((y, s), (dy.float(), ds)) if ds is not None else ((y,), (dy.float(),))
+    return (y, s, *torch.autograd.grad(outputs, leaves, grads_out))
+
+
 def test_without_residual_s_is_x() -> None:
     x = torch.randn(4, 192)
     _, s = layer_norm(x, torch.ones(192), torch.zeros(192))
@@ -100,7 +140,7 @@ def test_registered_op_schema_and_autograd() -> None:
     weight, bias = torch.randn(192, requires_grad=True), torch.randn(192, requires_grad=True)
     for res in (residual.requires_grad_(), None):
         result = torch.library.opcheck(
-            torch.ops.deit_fast.layer_norm_fwd.default, (x, weight, bias, res, 1e-6),
+            torch.ops.deit_fast.layer_norm_fwd.default, (x, weight, bias, res, 1e-6, None),
             test_utils=("test_schema", "test_autograd_registration"),
         )
         assert set(result.values()) == {"SUCCESS"}

@@ -41,3 +41,30 @@ def test_triton_model_equals_eager_model(name: str) -> None:
     for key, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[key], atol=1e-5, rtol=1e-4,
                                    msg=lambda message, key=key: f"grad of {key}: {message}")
+
+
+def test_autocast_layer_norms_feed_the_linears_in_the_compute_dtype() -> None:
+    """Under bf16 autocast every fused LayerNorm writes y in bf16 and keeps the stream s in
+    fp32, and the model's logits and gradients stay those of the torch LayerNorm model."""
+    size = {"img_size": 64, "depth": 2, "num_classes": 10}
+    with torch.device(DEVICE):
+        eager = create_model("deit_tiny_patch16_224", kernels=EAGER, **size)
+        # The interpreter has no real bf16 dot: its attention is checked on a GPU only.
+        choice = KernelChoice("eager" if DEVICE == "cpu" else "triton", "triton", "triton")
+        triton = create_model("deit_tiny_patch16_224", kernels=choice, **size)
+        triton.load_state_dict(eager.state_dict())
+        images, dlogits = torch.randn(2, 3, 64, 64), torch.randn(2, 10)
+    seen = []
+    for norm in (m for m in triton.modules() if type(m).__name__ == "LayerNorm"):
+        norm.register_forward_hook(lambda m, i, out: seen.append((out[0].dtype, out[1].dtype)))
+    results = []
+    for model in (eager, triton):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            results.append(_logits_and_grads(model, images, dlogits))
+    assert seen == [(torch.bfloat16, torch.float32)] * 5  # 2 blocks x 2 norms + the final one
+    (expected, expected_dpixels, expected_grads), (logits, dpixels, grads) = results
+    torch.testing.assert_close(logits.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dpixels, expected_dpixels, atol=2e-2, rtol=2e-2)
+    for key, grad in grads.items():  # bf16 rounding differs element-wise: compare norms
+        error = (grad - expected_grads[key]).norm() / expected_grads[key].norm()
+        assert error < 2e-2, f"grad of {key}: relative error {error:.3g}"
