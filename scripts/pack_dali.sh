@@ -7,8 +7,9 @@
 #
 # Fetches cp312/manylinux wheels with `pip download --no-deps` (no install here): DALI at
 # the version in constraints.txt, the nvImageCodec and nvCOMP libraries it loads, nvJPEG
-# (the GPU decoder nvImageCodec opens; the GPU image has no nvjpeg wheel) and DALI's pure
-# Python needs that the GPU image lacks. It unpacks them into one site folder, keeps only
+# (the GPU decoder nvImageCodec opens; the GPU image has no nvjpeg wheel), nvJPEG2000 and
+# nvTIFF (without them nvImageCodec logs an error at every start) and DALI's pure Python
+# needs that the GPU image lacks. It unpacks them into one site folder, keeps only
 # what an import needs (drops other Pythons' extension modules, headers, tools, bytecode),
 # compresses the tar with `zstd --long=27` (a 128 MiB window, which every zstd decoder
 # accepts without flags) and splits it into parts of PART_SIZE bytes (60M, as split -b
@@ -49,6 +50,7 @@ fetch_site() {
     local -a WHEELS=(
         "nvidia-dali-cuda130==$DALI" nvidia-nvimgcodec-cu13==0.9.0.20
         nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.0.4.44
+        nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvtiff-cu13==0.8.0.82
         astunparse==1.6.3 gast==0.7.0 makefun==1.16.0 nvtx==0.2.17 optree==0.20.0 libcst==1.9.0
     )
     local -a PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64

@@ -11,6 +11,11 @@
 # renamed, and an unpack of the same parts is reused. Progress goes to stderr; stdout is
 # one line, `export PYTHONPATH=DEST/site...`. Needs bash, tar, sha256sum, and PYTHON
 # (python3) for the fallback decoders.
+#
+# Where one command can take only 64 MiB of files to the machine, the parts go one per
+# command, each copied into one PARTSDIR there (SHA256SUMS with the first); the last command
+# brings the last part and runs scripts/gpu_check.sh with DALI_PARTS=PARTSDIR, which calls
+# this script.
 set -euo pipefail
 
 (($# == 2)) || { echo "usage: $0 PARTSDIR DEST" >&2; exit 2; }
