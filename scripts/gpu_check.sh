@@ -24,7 +24,8 @@
 # check's --quick subset, kernel and step benchmarks under the Triton interpreter, the DALI
 # graph on the CPU, the CPU decoders, the demo's models for distillation, two CPU training
 # steps) and says which stages it skipped and why. It needs only torch, triton,
-# torchvision, timm, numpy, pyyaml, pillow, scikit-image and pytest (DALI comes from
+# torchvision, timm, numpy, pyyaml, pillow, scikit-image, pytest and the trainer's tqdm,
+# tensorboard and matplotlib (the env stage lists what is missing; DALI comes from
 # scripts/unpack_dali.sh, below), no network, and runs the repository with PYTHONPATH=.
 #
 # DALI: where `import nvidia.dali` fails and DALI_PARTS (build/dali_parts) holds the parts
@@ -228,6 +229,7 @@ stage_decode() {
 bring_dali() {
     local parts=${DALI_PARTS:-$REPO/build/dali_parts} dest=${DALI_DEST:-/tmp/deit_fast_dali}
     "$PY" -c 'import nvidia.dali' >>"$LOG" 2>&1 && return
+    echo "DALI is not importable: looking for the parts of scripts/pack_dali.sh in $parts" >>"$LOG"
     if [[ ! -f $parts/SHA256SUMS ]]; then
         NOTE="DALI not importable and no parts in $parts (scripts/pack_dali.sh)"
         return 1
@@ -258,10 +260,10 @@ stage_dali() {
         within_stage "$PY" benchmarks/dali_gpu.py --out "$OUTDIR"
     fi
     local rc=$?
-    local check
-    check=$(log_line CHECK: | cut -c8- | cut -d, -f1-2)
-    NOTE="${NOTE:+$NOTE: }$(log_line 'DALI: ' | cut -c7-); $check"
-    [[ -n $DRY_REASON ]] || NOTE="$(target_counts); $NOTE"
+    [[ -n $DRY_REASON ]] || NOTE=$(target_counts)
+    NOTE=$(printf '%s\n' "$NOTE" "$(log_line 'DALI: ' | cut -c7-)" \
+        "$(log_line CHECK: | cut -c8- | cut -d, -f1-2)" | sed '/^$/d' | paste -sd';' - |
+        sed 's/;/; /g')
     return $rc
 }
 
