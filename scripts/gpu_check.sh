@@ -1,30 +1,50 @@
 #!/usr/bin/env bash
 # One-shot GPU validation and benchmarks of deit-fast on one CUDA GPU, in under 8 minutes:
-# the environment, `pytest -m gpu`, the kernel microbenchmarks, the training-step benchmark,
-# the GPU-decode benchmark and a short real training run on generated JPEGs with every
-# Triton kernel on (the loss must fall, with no NaN). Logs and CSVs go to OUTDIR, and a
-# summary table (stage, status, seconds, note) is written there and printed last.
+# the environment, the compile check (first, so no minute goes to a kernel that cannot
+# build), `pytest -m gpu`, the kernel microbenchmarks (% of the measured peak), the DALI
+# training pipeline on the GPU (img/s, images against the CPU graph), the GPU-decode
+# benchmark, the cached-vs-online distillation step (RegNetY-16GF teacher, DeiT-S student),
+# a short real training run on generated JPEGs with every Triton kernel on (the loss must
+# fall, with no NaN) and, last, the training-step benchmark under
+# torch.cuda.set_sync_debug_mode("error"). Logs and CSVs go to OUTDIR, and a summary table
+# (stage, status, seconds, note) is written there and printed last.
 #
 #   scripts/gpu_check.sh OUTDIR [--dry-run] [--skip STAGE[,STAGE...]] [--budget STAGE=SECONDS]
-#   stages: env tests kernels decode train step;  PYTHON picks the interpreter (python3)
+#   stages: env compile tests kernels dali decode distill train step;  PYTHON picks python3
 #
-# Without a CUDA GPU, or with --dry-run, it runs what a CPU can in smoke form (kernel and
-# step benchmarks under the Triton interpreter, the CPU decoders, two CPU training steps)
-# and says which stages it skipped and why. It needs only torch, triton, torchvision, timm,
-# numpy, pyyaml, pillow and pytest, no network, and runs the repository with PYTHONPATH=.
+# Budgets on the GPU (seconds; a stage past its budget is stopped, reported as timed out,
+# and the rest still run): env 20, compile 35, tests 60, kernels 50, dali 40, decode 15,
+# distill 35, train 45, and the step benchmark, last, whatever is left of 450 (>= 150).
+# 450 s leaves room under 8 minutes for the summary; the machine's start-up and the calls
+# that carry DALI's parts come on top (README, "GPU"). A stage whose script is absent is
+# skipped and says so. A failing compile check does not stop the kernel stages; their
+# notes and the summary flag it.
+#
+# Without a CUDA GPU, or with --dry-run, it runs what a CPU can in smoke form (the compile
+# check's --quick subset, kernel and step benchmarks under the Triton interpreter, the DALI
+# graph on the CPU, the CPU decoders, the demo's models for distillation, two CPU training
+# steps) and says which stages it skipped and why. It needs only torch, triton,
+# torchvision, timm, numpy, pyyaml, pillow, scikit-image, pytest and the trainer's tqdm,
+# tensorboard and matplotlib (the env stage lists what is missing; DALI comes from
+# scripts/unpack_dali.sh, below), no network, and runs the repository with PYTHONPATH=.
+#
+# DALI: where `import nvidia.dali` fails and DALI_PARTS (build/dali_parts) holds the parts
+# of scripts/pack_dali.sh, the dali stage unpacks them into DALI_DEST (/tmp/deit_fast_dali;
+# reused by a rerun) and puts that on PYTHONPATH. Without DALI the stage is skipped, and the
+# decode stage's torchvision decode_jpeg(device="cuda") row is the GPU decode figure.
 # Exit status: 0 when no stage failed. On a machine whose files come back from a folder,
 # e.g.:  scripts/gpu_check.sh /tmp/gc; tar -czf "$OUT/gpu_check.tgz" -C /tmp gc
-# To rerun one stage with more time:  scripts/gpu_check.sh DIR --skip env,tests,kernels,\
-#   decode,train --budget step=420
+# To rerun one stage with more time:  scripts/gpu_check.sh DIR --skip env,compile,tests,\
+#   kernels,dali,decode,distill,train --budget step=420
 set -u  # no -e: one failed stage must not stop the others or the summary
 
-STAGES="env tests kernels decode train step"
-# At most this many seconds per stage on the GPU, and 450 s in all (leaving room under 8
-# minutes for the summary); the step benchmark, last, gets whatever time the others leave
-# (>= 170 s). A dry run allows DRY_SLOWDOWN times as long: CI's CPUs are slow and shared.
+STAGES="env compile tests kernels dali decode distill train step"
+# The budgets of the header. A dry run allows DRY_SLOWDOWN times as long: CI's CPUs are
+# slow and shared.
 TOTAL_BUDGET=450
-declare -A BUDGET=([env]=30 [tests]=90 [kernels]=70 [decode]=30 [train]=60 [step]=$TOTAL_BUDGET)
-DRY_SLOWDOWN=4
+declare -A BUDGET=([env]=20 [compile]=35 [tests]=60 [kernels]=50 [dali]=40 [decode]=15
+    [distill]=35 [train]=45 [step]=$TOTAL_BUDGET)
+DRY_SLOWDOWN=6
 SKIP_RC=99  # a stage function returns this for "skipped", with the reason in NOTE
 
 usage() {
@@ -94,6 +114,13 @@ target_counts() {
         head -n 3 | cut -c6- | paste -sd';' -))")"
 }
 
+# Returns 0 when the benchmark script $1 exists; else sets the skip note and returns 1.
+have_script() {
+    [[ -f $REPO/$1 ]] && return
+    NOTE="skipped: $1 missing"
+    return 1
+}
+
 # ---------------------------------------------------------------------------- stages
 stage_env() {
     {
@@ -104,7 +131,7 @@ stage_env() {
 import importlib, platform, sys
 
 NEEDED = ("torch", "triton", "torchvision", "timm", "numpy", "yaml", "PIL", "pytest")
-TRAINER = ("tqdm", "tensorboard", "matplotlib")  # deit_fast's trainer imports these
+TRAINER = ("tqdm", "tensorboard", "matplotlib", "skimage")  # the trainer's, dali_gpu.py's
 print("python", platform.python_version(), sys.executable)
 versions, missing = {}, []
 for name in (*NEEDED, *TRAINER, "nvidia.dali"):
@@ -125,6 +152,19 @@ EOF
     local rc=$?
     cat "$LOG"
     NOTE=$(log_line ENV: | cut -c6-)
+    return $rc
+}
+
+stage_compile() {
+    have_script benchmarks/compile.py || return $SKIP_RC
+    local -a args=(--arch 90 --jobs "$(nproc)")
+    # No GPU is needed to compile; the dry run takes the CI subset.
+    [[ -z $DRY_REASON ]] || args=(--quick)
+    within_stage "$PY" benchmarks/compile.py "${args[@]}" --out "$OUTDIR/compile"
+    local rc=$?
+    NOTE=$(log_line '[0-9]+ compiles, ')
+    ((rc == 0)) || COMPILE_FLAG="compile check did not pass (${NOTE:-exit $rc})"
+    [[ -z $DRY_REASON ]] || NOTE="CI subset (--quick) on the CPU: $NOTE"
     return $rc
 }
 
@@ -156,11 +196,19 @@ stage_step() {
         within_stage "$PY" benchmarks/step.py --smoke --out "$OUTDIR"
         return
     fi
+    # Every timed step under set_sync_debug_mode("error"), where step.py offers it.
+    local -a sync=()
+    local sync_note="timed under sync debug mode \"error\""
+    if grep -q -- '"--sync-debug"' benchmarks/step.py; then
+        sync=(--sync-debug)
+    else
+        sync_note="step.py has no --sync-debug: host syncs not checked"
+    fi
     # Start no row in the last 75 s: compiling a model can take that long.
     within_stage "$PY" benchmarks/step.py --models small,base,tiny --steps 20 --warmup 8 \
-        --budget-s $((STAGE_END - SECONDS - 75)) --out "$OUTDIR"
+        "${sync[@]}" --budget-s $((STAGE_END - SECONDS - 75)) --out "$OUTDIR"
     local rc=$?
-    NOTE="$(target_counts); $(grep -c 'skipped: time budget' "$LOG") rows over budget"
+    NOTE="$(target_counts); $(grep -c 'skipped: time budget' "$LOG") rows over budget; $sync_note"
     return $rc
 }
 
@@ -173,6 +221,64 @@ stage_decode() {
     within_stage "$PY" benchmarks/gpu_decode.py --reps 3 --out "$OUTDIR"
     local rc=$?
     NOTE=$(log_line 'GPU batched decode:')
+    return $rc
+}
+
+# Puts DALI on PYTHONPATH from the parts in DALI_PARTS, if it is not importable already.
+# Returns 1, with the reason in NOTE, when DALI stays out of reach.
+bring_dali() {
+    local parts=${DALI_PARTS:-$REPO/build/dali_parts} dest=${DALI_DEST:-/tmp/deit_fast_dali}
+    "$PY" -c 'import nvidia.dali' >>"$LOG" 2>&1 && return
+    echo "DALI is not importable: looking for the parts of scripts/pack_dali.sh in $parts" >>"$LOG"
+    if [[ ! -f $parts/SHA256SUMS ]]; then
+        NOTE="DALI not importable and no parts in $parts (scripts/pack_dali.sh)"
+        return 1
+    fi
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+        NOTE="DALI not importable; the parts in $parts are for Python 3.12, not $("$PY" -V 2>&1)"
+        return 1
+    fi
+    # unpack_dali.sh prints one line, the PYTHONPATH export; its progress goes to the log.
+    within_stage bash -c 'scripts/unpack_dali.sh "$1" "$2" >"$3"' _ "$parts" "$dest" \
+        "$WORK/dali_env" || { NOTE="unpack_dali.sh failed: $(tail -n 1 "$LOG")"; return 1; }
+    cat "$WORK/dali_env" >>"$LOG"
+    eval "$(cat "$WORK/dali_env")"
+    "$PY" -c 'import nvidia.dali' >>"$LOG" 2>&1 ||
+        { NOTE="DALI unpacked into $dest but not importable: $(tail -n 1 "$LOG")"; return 1; }
+}
+
+stage_dali() {
+    have_script benchmarks/dali_gpu.py || return $SKIP_RC
+    if ! bring_dali; then
+        NOTE="$NOTE; the decode stage's decode_jpeg(device=\"cuda\") is the GPU decode figure"
+        return $SKIP_RC
+    fi
+    if [[ -n $DRY_REASON ]]; then
+        NOTE="smoke: the CPU graph (device_id=None) on 24 JPEGs"
+        within_stage "$PY" benchmarks/dali_gpu.py --smoke --out "$OUTDIR"
+    else
+        within_stage "$PY" benchmarks/dali_gpu.py --out "$OUTDIR"
+    fi
+    local rc=$?
+    [[ -n $DRY_REASON ]] || NOTE=$(target_counts)
+    NOTE=$(printf '%s\n' "$NOTE" "$(log_line 'DALI: ' | cut -c7-)" \
+        "$(log_line CHECK: | cut -c8- | cut -d, -f1-2)" | sed '/^$/d' | paste -sd';' - |
+        sed 's/;/; /g')
+    return $rc
+}
+
+stage_distill() {
+    have_script benchmarks/distill.py || return $SKIP_RC
+    local -a args=(--teacher regnety_160 --student deit_small_distilled_patch16_224
+        --img-size 224 --classes 1000 --batch 256)
+    [[ -z $DRY_REASON ]] || args=(--batch 4 --steps 2 --warmup 1)  # the demo's models, 32 px
+    within_stage "$PY" benchmarks/distill.py "${args[@]}" --out "$OUTDIR/distill"
+    local rc=$?
+    # Rows "none|hard, cached teacher|hard, online teacher  ms/step  img/s  vs_cached".
+    NOTE=$(awk '/^(none|hard, (cached|online) teacher) / { ms[$1 == "none" ? $1 : $2] = $(NF-2) }
+        END { if (ms["cached"]) printf "ms/step: none %s, cached %s, online %s; cached/none " \
+            "%.2fx", ms["none"], ms["cached"], ms["online"], ms["cached"] / ms["none"] }' "$LOG")
+    [[ -z $DRY_REASON ]] || NOTE="smoke: the demo's models at 32 px; $NOTE"
     return $rc
 }
 
@@ -253,7 +359,8 @@ EOF
 }
 
 # ---------------------------------------------------------------------------- driver
-SLOWDOWN=1
+SLOWDOWN=1 COMPILE_FLAG=""
+KERNEL_STAGES=" tests kernels distill train step "  # they run the Triton kernels
 [[ -z $DRY_REASON ]] || SLOWDOWN=$DRY_SLOWDOWN
 DEADLINE=$((SECONDS + SLOWDOWN * TOTAL_BUDGET))
 for stage in $STAGES; do
@@ -278,6 +385,8 @@ for stage in $STAGES; do
                 *) status=FAIL NOTE="exit $rc: $(tail -n 1 "$LOG" | cut -c1-150)${NOTE:+; $NOTE}" ;;
             esac
             [[ $stage == env ]] || tail -n 4 "$LOG"
+            [[ -z $COMPILE_FLAG || $KERNEL_STAGES != *" $stage "* ]] ||
+                NOTE="$NOTE; after a failed compile check"
         fi
     fi
     printf '%s\t%s\t%s\t%s\n' "$stage" "$status" $((SECONDS - start)) "${NOTE//$'\t'/ }" \
@@ -293,6 +402,7 @@ done
     fi
     echo "total ${SECONDS}s | logs and CSVs in $OUTDIR"
     awk -F'\t' '$2 == "SKIP" { printf "skipped: %s (%s)\n", $1, $4 }' "$SUMMARY"
+    [[ -z $COMPILE_FLAG ]] || echo "FLAG: $COMPILE_FLAG; the kernel stages ran all the same"
     awk -F'\t' '{ printf "%-8s %-6s %7s  %s\n", $1, $2, $3, $4 }' "$SUMMARY"
 } | tee "$OUTDIR/summary.txt"
 ! grep -q $'\tFAIL\t' "$SUMMARY"
