@@ -264,11 +264,13 @@ class DaliTrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
         item = self.sampler.start_item(start_step, start_item)
-        if self._iterator is None or item != 0 or self._next_epoch != epoch:
-            self._start(epoch, item)
+        restart = self._iterator is None or item != 0 or self._next_epoch != epoch
         self._next_epoch = None
         while True:
             try:
+                if restart:  # the iterator reads its first batch as it starts
+                    restart = False
+                    self._start(epoch, item)
                 out = next(self._iterator)[0]
             except StopIteration:
                 break
@@ -276,7 +278,7 @@ class DaliTrainLoader:
                 # replaying the sources here raises on_bad_image=error's BadImageError itself
                 paths = self._shown_paths(epoch, item)
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
-                self._start(epoch, item)  # the same batches again, the bad files now replaced
+                restart = True  # the same batches again, the bad files now replaced
                 continue
             self._report_replaced(out)
             item += self.sampler.items_per_step
@@ -320,30 +322,34 @@ class DaliValLoader:
     def __len__(self) -> int:
         return -(-len(self._mine) // self._args[2])
 
-    def _start(self, first_step: int) -> tuple[ValSource, DALIGenericIterator]:
-        image_size, crop_pct, batch_size, mean, std, num_workers = self._args
-        skipped = self._mine[first_step * batch_size :]
-        source = ValSource(
+    def _source(self, first_step: int) -> ValSource:
+        image_size, crop_pct, batch_size, _, _, _ = self._args
+        return ValSource(
             self.index,
-            skipped,
+            self._mine[first_step * batch_size :],
             batch_size,
             image_size,
             crop_pct,
             self.on_bad_image,
             frozenset(self._known_bad),
         )
+
+    def _start(self, source: ValSource) -> DALIGenericIterator:
+        image_size, _, batch_size, mean, std, num_workers = self._args
         pipe = val_graph(
             source, image_size, mean, std, **_pipeline_args(self.device, batch_size, num_workers)
         )
         with workers_ignore_stop_signals():
             pipe.build()
-        return source, DALIGenericIterator([pipe], ["images", "labels", "valid"])
+        return DALIGenericIterator([pipe], ["images", "labels", "valid"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = started = 0
-        source, iterator = self._start(step)
+        source, iterator = self._source(step), None
         while True:
             try:
+                if iterator is None:  # the iterator reads its first batch as it starts
+                    iterator = self._start(source)
                 out = next(iterator)[0]
             except StopIteration:
                 break
@@ -356,8 +362,8 @@ class DaliValLoader:
                 picks = [i for k in in_flight for i in source.batch_indices(k)]
                 paths = [self.index.paths[i] for i in picks]
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
-                source, iterator = self._start(step)  # the same batches, the bad files dropped
-                started = step
+                # the same batches again, the bad files dropped
+                source, iterator, started = self._source(step), None, step
                 continue
             valid = out["valid"].view(-1).bool()
             picks = self._mine[step * self._args[2] : (step + 1) * self._args[2]]
