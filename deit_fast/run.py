@@ -253,7 +253,7 @@ def _train(cfg: Config, dist: distributed.Distributed,
 
 # What a deit-fast checkpoint's own config decides for its evaluation, unless overridden.
 EVAL_FROM_CHECKPOINT = ("model.name", "model.img_size", "model.num_classes", "train.precision",
-                        "data.crop_pct", "data.backend")
+                        "data.crop_pct", "data.backend", "data.eval_batch_size")
 
 
 def eval_config(config_file: str | None, overrides: list[str], state: dict[str, Any]) -> Config:
