@@ -166,10 +166,10 @@ def test_bad_files_are_counted_once_over_train_val_and_a_resume(tmp_path):
     (data / "train" / "class_0" / "bad.jpg").write_text("not an image")
     (data / "val" / "class_1" / "bad.jpg").write_text("not an image")
     # one step of all 31 images an epoch: the bad training file is met every epoch
-    args = ("data.repeats=1", "data.batch_size=31", "train.epochs=3", "optim.warmup_epochs=0")
+    args = ("data.repeats=1", "data.batch_size=31", "train.epochs=4", "optim.warmup_epochs=0")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        first = train(tiny_config(data, tmp_path / "run", *args, "train.max_steps=2"))
+        warnings.simplefilter("ignore")  # counted once, met three times before the resume
+        first = train(tiny_config(data, tmp_path / "run", *args, "train.max_steps=3"))
         resumed = train(tiny_config(data, tmp_path / "run", *args))
     assert (first["bad_images"], resumed["bad_images"]) == (2, 2)
     saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["bad_files"]

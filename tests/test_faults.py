@@ -271,3 +271,33 @@ def test_signal_from_outside_checkpoints_exits_zero_and_resumes_identical(straig
     train(tiny_config(straight_dir.parent / "data", out, *args))  # the same command again
     assert_same_run(straight_dir, out)
     assert logged_steps(out) == logged_steps(straight_dir) == list(range(1, total + 1))
+
+
+def test_group_sigterm_under_torchrun_stops_both_ranks_together(data):
+    """A scheduler's SIGTERM to torchrun's process group reaches the agent, both ranks and
+    their loader workers: the ranks finish the step on which they agree to stop, rank 0
+    checkpoints and prints once, no rank fails (torchrun itself still reports the signal
+    with its own exit status 1); the run then finishes on one process, each step logged once."""
+    out = data.parent / "torchrun-group"
+    args = (*SIGNAL_ARGS, "train.stop_check_interval=2", "data.mixup=0.0", "data.cutmix=0.0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "deit_fast", "train",
+                             *overrides(data, out, *args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while not logged_steps(out) and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert stderr.count("received SIGTERM") == 2, stderr[-3000:]  # two ranks, no worker
+    assert stderr.count("stopped on request") == 1 and "ChildFailedError" not in stderr
+    assert stdout.count('"stopped": true') == 1  # rank 0 alone prints the summary
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and state["global_step"] % 2 == 0
+    train(tiny_config(data, out, *args, "data.batch_size=8"))  # the same global batch
+    total = checkpoint.load(out / "checkpoints" / "last.pt")["global_step"]
+    assert total > state["global_step"] and logged_steps(out) == list(range(1, total + 1))
