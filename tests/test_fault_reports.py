@@ -132,6 +132,15 @@ def test_output_dir_is_checked_before_any_work(tmp_path, capsys, problem):
     assert "data.path" not in err
 
 
+def test_read_only_output_dir_is_named_before_any_work(small_fs, tmp_path, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    out = small_fs / "run"
+    assert main(["train", f"train.output_dir={out}", f"data.path={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.output_dir '{out}' cannot be created or written to (Read-only file system)" \
+        in err and "data.path" not in err
+
+
 # --------------------------------------------------------------------------- architecture
 def test_architecture_check_names_dist_token_before_any_resize():
     plain, distilled = (create_model(f"deit_micro{d}_patch4_32", num_classes=3, depth=1)
