@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -24,15 +23,12 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 
 @contextlib.contextmanager
 def workers_ignore_stop_signals() -> Iterator[None]:
-    """Start worker processes inside this block (fork or spawn): they begin with the stop
-    signals ignored (an ignored signal stays ignored across fork and exec), and this
-    process's own handlers are back when the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only change on the main thread; its children keep them
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    """Start worker processes inside this block (fork or spawn): the stop signals are blocked
+    on this thread meanwhile, and children inherit the mask (across fork and exec), so they
+    never receive them; a signal sent to this process meanwhile stays pending and arrives
+    when the block ends, so none is lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
