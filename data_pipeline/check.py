@@ -1,8 +1,9 @@
-"""`deit-fast data check`: find the files a training run would have to skip.
+"""`deit-fast data check`: find the files a training run would skip, and what stops it.
 
 The fast pass reads each header (format, size, mode) and the last bytes of each JPEG,
 whose end-of-image marker is missing when a download was cut short; `full_decode`
-decodes every pixel as training would.
+decodes every pixel as training would. Unreadable files are skipped by training
+(data.on_bad_image=skip); an empty class folder stops it, and its reason says so.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from data_pipeline.dataset import (
     jpeg_truncated,
     read_rgb,
 )
+
+STOPS_TRAINING = "stops training:"
 
 
 def check_image(path: str, full_decode: bool = False) -> str | None:
@@ -59,7 +62,8 @@ def check_dataset(root: str, full_decode: bool = False) -> list[tuple[str, str]]
             files = sorted(e.path for e in os.scandir(folder) if e.is_file())
             images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
             if not images:
-                problems.append((folder, "class folder has no images"))
+                problems.append((folder, f"{STOPS_TRAINING} class folder has no images "
+                                         "(add images or remove the folder)"))
             problems.extend((f, "not an image file (extension)") for f in files if f not in images)
             for path in images:
                 reason = check_image(path, full_decode)

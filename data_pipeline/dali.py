@@ -11,7 +11,9 @@ centre crop -> normalize.
 Unreadable files are found by the header parse in the workers and replaced exactly as the
 torch loader does. A file whose header parses but whose body DALI cannot decode is named
 by a full PIL decode of the failing batch; the pipeline is then rebuilt at that step with
-the file marked bad, so a run loses nothing but that image.
+the file marked bad, so a run loses nothing but that image. With on_bad_image=error the
+failing batch is read again here, so the error names the file in one line. The Python
+workers start with stop signals ignored (workers.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from data_pipeline.dali_source import TrainSource, ValSource
 from data_pipeline.dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.workers import workers_ignore_stop_signals
 
 _LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
 _TRAIN_OUTPUTS = ("images", "labels", "samples", "repeats", "views", "requested", "replaced")
@@ -198,10 +201,14 @@ class DaliTrainLoader:
     ) -> None:
         self.index, self.plan, self.sampler, self.device = index, plan, sampler, device
         self.num_workers, self.on_bad_image, self.num_views = num_workers, on_bad_image, num_views
-        self.batch_type, self.bad_images = batch_type, 0
+        self.batch_type, self.bad_files = batch_type, set()
         self._known_bad: set[str] = set()
         self._iterator: DALIGenericIterator | None = None
         self._next_epoch: int | None = None  # the epoch the running pipeline will produce next
+
+    @property
+    def bad_images(self) -> int:
+        return len(self.bad_files)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -231,7 +238,8 @@ class DaliTrainLoader:
             p.std,
             **_pipeline_args(self.device, self.sampler.batch_size, self.num_workers),
         )
-        pipe.build()
+        with workers_ignore_stop_signals():
+            pipe.build()
         self._iterator = DALIGenericIterator([pipe], list(_TRAIN_OUTPUTS), auto_reset=True)
 
     def _report_replaced(self, out: dict) -> None:
@@ -241,7 +249,7 @@ class DaliTrainLoader:
             out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
         ):
             chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
-            self.bad_images += warn_skipped([self.index.paths[s] for s in chain[:count]])
+            warn_skipped([(self.index.paths[s],) * 2 for s in chain[:count]], self.bad_files)
 
     def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
         """Files of the batches DALI may have in flight from first_item on."""
@@ -256,18 +264,21 @@ class DaliTrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
         item = self.sampler.start_item(start_step, start_item)
-        if self._iterator is None or item != 0 or self._next_epoch != epoch:
-            self._start(epoch, item)
+        restart = self._iterator is None or item != 0 or self._next_epoch != epoch
         self._next_epoch = None
         while True:
             try:
+                if restart:  # the iterator reads its first batch as it starts
+                    restart = False
+                    self._start(epoch, item)
                 out = next(self._iterator)[0]
             except StopIteration:
                 break
-            except RuntimeError as error:
+            except Exception as error:  # a worker's error arrives as a bare Exception
+                # replaying the sources here raises on_bad_image=error's BadImageError itself
                 paths = self._shown_paths(epoch, item)
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
-                self._start(epoch, item)  # the same batches again, the bad files now replaced
+                restart = True  # the same batches again, the bad files now replaced
                 continue
             self._report_replaced(out)
             item += self.sampler.items_per_step
@@ -298,50 +309,67 @@ class DaliValLoader:
         mean,
         std,
     ) -> None:
-        self.index, self.device, self.on_bad_image, self.bad_images = index, device, on_bad_image, 0
+        self.index, self.device, self.on_bad_image = index, device, on_bad_image
+        self.bad_files: set[str] = set()
         self._mine = list(range(rank, len(index), world_size))
         self._args = (image_size, crop_pct, batch_size, mean, std, num_workers)
         self._known_bad: set[str] = set()
 
+    @property
+    def bad_images(self) -> int:
+        return len(self.bad_files)
+
     def __len__(self) -> int:
         return -(-len(self._mine) // self._args[2])
 
-    def _start(self, first_step: int) -> tuple[ValSource, DALIGenericIterator]:
-        image_size, crop_pct, batch_size, mean, std, num_workers = self._args
-        skipped = self._mine[first_step * batch_size :]
-        source = ValSource(
+    def _source(self, first_step: int) -> ValSource:
+        image_size, crop_pct, batch_size, _, _, _ = self._args
+        return ValSource(
             self.index,
-            skipped,
+            self._mine[first_step * batch_size :],
             batch_size,
             image_size,
             crop_pct,
             self.on_bad_image,
             frozenset(self._known_bad),
         )
+
+    def _start(self, source: ValSource) -> DALIGenericIterator:
+        image_size, _, batch_size, mean, std, num_workers = self._args
         pipe = val_graph(
             source, image_size, mean, std, **_pipeline_args(self.device, batch_size, num_workers)
         )
-        pipe.build()
-        return source, DALIGenericIterator([pipe], ["images", "labels", "valid"])
+        with workers_ignore_stop_signals():
+            pipe.build()
+        return DALIGenericIterator([pipe], ["images", "labels", "valid"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        step = 0
-        source, iterator = self._start(step)
+        step = started = 0
+        source, iterator = self._source(step), None
         while True:
             try:
+                if iterator is None:  # the iterator reads its first batch as it starts
+                    iterator = self._start(source)
                 out = next(iterator)[0]
             except StopIteration:
                 break
-            except RuntimeError as error:
-                picks = [i for k in range(_LOOKAHEAD) for i in source.batch_indices(k)]
+            except Exception as error:  # a worker's error arrives as a bare Exception
+                in_flight = range(step - started, step - started + _LOOKAHEAD)
+                if self.on_bad_image == "error":
+                    for k in in_flight:  # raises the worker's BadImageError here
+                        if source.batch_indices(k):
+                            source(types.BatchInfo(k, 0))
+                picks = [i for k in in_flight for i in source.batch_indices(k)]
                 paths = [self.index.paths[i] for i in picks]
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
-                source, iterator = self._start(step)  # the same batches, the bad files dropped
+                # the same batches again, the bad files dropped
+                source, iterator, started = self._source(step), None, step
                 continue
             valid = out["valid"].view(-1).bool()
             picks = self._mine[step * self._args[2] : (step + 1) * self._args[2]]
-            self.bad_images += warn_skipped(
-                [self.index.paths[picks[i]] for i in np.flatnonzero(~valid.numpy())]
+            warn_skipped(
+                [(self.index.paths[picks[i]],) * 2 for i in np.flatnonzero(~valid.numpy())],
+                self.bad_files,
             )
             step += 1
             if valid.any():

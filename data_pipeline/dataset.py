@@ -29,12 +29,14 @@ class BadImageError(ValueError):
     """A file that cannot be read as an image; the message names the file."""
 
 
-def warn_skipped(messages: list[str]) -> int:
-    """Warn once per skipped unreadable image (each message names its file); returns the count."""
-    for message in messages:
-        warnings.warn(f"skipped unreadable image (data.on_bad_image=skip): {message}",
-                      stacklevel=3)
-    return len(messages)
+def warn_skipped(bad: list[tuple[str, str]], seen: set[str]) -> None:
+    """Add each skipped file of `bad` ((path, reason) pairs) to `seen`, warning the first time
+    a file is met: a loader counts distinct files, not the views that met them."""
+    for path, message in bad:
+        if path not in seen:
+            seen.add(path)
+            warnings.warn(f"skipped unreadable image (data.on_bad_image=skip): {message}",
+                          stacklevel=3)
 
 
 @dataclass
@@ -189,7 +191,8 @@ def read_or_replace(
     on_bad_image: str,
 ) -> tuple[T, int, list[str]]:
     """read(paths[sample]); when unreadable and on_bad_image is "skip", the first readable of
-    replacement(0), replacement(1), ...: returns (what read returned, sample read, errors)."""
+    replacement(0), replacement(1), ...: returns (what read returned, sample read, errors),
+    errors as (path, message) pairs."""
     shown, errors = sample, []
     for attempt in range(MAX_REPLACEMENTS + 1):
         try:
@@ -197,7 +200,7 @@ def read_or_replace(
         except BadImageError as e:
             if on_bad_image == "error":
                 raise
-            errors.append(str(e))
+            errors.append((paths[shown], str(e)))
             shown = replacement(attempt)
     raise BadImageError(
         f"{MAX_REPLACEMENTS + 1} unreadable files in a row, starting at {paths[sample]}; "

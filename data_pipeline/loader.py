@@ -56,7 +56,7 @@ def build_train_loader(
     on_bad_image: str = "skip",
     num_views: int | None = None,
 ) -> TorchTrainLoader | DaliTrainLoader:
-    """A loader with `steps_per_epoch`, `epoch(e, start_step=0, start_item=None)`, `bad_images`.
+    """A loader with `steps_per_epoch`, `epoch(e, start_step=0, start_item=None)`, `bad_files`.
 
     num_views: replay a teacher cache of that many views (view = (e * R + k) mod num_views).
     start_item: resume from a global item count (step * batch_size * world_size of the run

@@ -18,6 +18,7 @@ a lookup by (view, sample) is arithmetic on the two numbers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,11 +61,17 @@ def index_dtype(num_classes: int) -> np.dtype:
 def _write_atomic(path: Path, data: bytes) -> None:
     """tmp + fsync + rename + directory fsync: a reader sees the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"could not write cache file {str(path)!r} ({err.strerror}); "
+                                 "the previous file is unchanged") from err
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

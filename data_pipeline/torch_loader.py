@@ -4,7 +4,9 @@ Workers receive whole batches of keys (`__getitems__`), so the plan is drawn vec
 once per batch; every random value comes from the keys, so the output is identical for
 any number of workers. Unreadable files are replaced deterministically (see
 plan.replacement_sample) and reported back with the batch, so the main process can count
-and name them whatever worker met them.
+and name them whatever worker met them; with on_bad_image=error the worker sends the
+error back the same way, so it is raised in the main process with its own message.
+Workers ignore stop signals (workers.py).
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ from data_pipeline.dataset import (
 from data_pipeline.pil_augment import augment_pil
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.workers import ignore_stop_signals
 
 
 def _batch_as_is(batch):
     return batch
+
+
+def _checked(out: dict) -> dict:
+    """A worker's batch, or its BadImageError raised here (not wrapped in a worker traceback)."""
+    if "error" in out:
+        raise BadImageError(out["error"])
+    return out
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -91,7 +101,7 @@ class TrainViews(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _read(self, view: int, sample: int, bad: list[str]) -> tuple[Image.Image, int]:
+    def _read(self, view: int, sample: int, bad: list[tuple[str, str]]) -> tuple[Image.Image, int]:
         n, seed = len(self.paths), self.plan.seed
         replacement = lambda attempt: replacement_sample(seed, view, sample, attempt, n)
         img, shown, errors = read_or_replace(
@@ -101,9 +111,12 @@ class TrainViews(Dataset):
         return img, shown
 
     def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict:
-        bad: list[str] = []
+        bad: list[tuple[str, str]] = []
         views = np.array([k[0] for k in keys], np.int64)
-        images, samples = zip(*(self._read(v, s, bad) for v, s, _ in keys))
+        try:
+            images, samples = zip(*(self._read(v, s, bad) for v, s, _ in keys))
+        except BadImageError as e:
+            return {"error": str(e)}
         samples = np.array(samples, np.int64)
         widths, heights = zip(*(img.size for img in images))
         d = self.plan.draw(views, samples, heights, widths)
@@ -162,7 +175,7 @@ class TorchTrainLoader:
     ) -> None:
         self.plan, self.sampler, self.device = plan, sampler, device
         self.on_bad_image, self.num_views, self.batch_type = on_bad_image, num_views, batch_type
-        self.bad_images = 0
+        self.bad_files: set[str] = set()
         self._keys = _EpochKeys()
         self._loader = DataLoader(
             TrainViews(index, plan, on_bad_image, finish_in_worker=device.type != "cuda"),
@@ -172,7 +185,12 @@ class TorchTrainLoader:
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             generator=torch.Generator(),  # iterating must not draw from the global RNG
+            worker_init_fn=ignore_stop_signals,
         )
+
+    @property
+    def bad_images(self) -> int:
+        return len(self.bad_files)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -186,8 +204,8 @@ class TorchTrainLoader:
             if self.num_views:
                 views %= self.num_views
             self._keys.batches.append(list(zip(views.tolist(), samples.tolist(), repeats.tolist())))
-        for out in self._loader:
-            self.bad_images += warn_skipped(out["bad"])
+        for out in map(_checked, self._loader):
+            warn_skipped(out["bad"], self.bad_files)
             p = self.plan.params
             yield self.batch_type(
                 images=finish(out, self.device, p.mean, p.std),
@@ -218,8 +236,8 @@ class ValImages(Dataset):
                 img = read_rgb(self.paths[i])
             except BadImageError as e:
                 if self.on_bad_image == "error":
-                    raise
-                bad.append(str(e))
+                    return {"error": str(e)}
+                bad.append((self.paths[i], str(e)))
                 continue
             img = F.resize(img, self.resize, InterpolationMode.BICUBIC)
             images.append(F.pil_to_tensor(F.center_crop(img, self.size)))
@@ -247,7 +265,8 @@ class TorchValLoader:
     ) -> None:
         mine = list(range(rank, len(dataset), world_size))
         self._batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-        self.device, self.on_bad_image, self.bad_images = device, dataset.on_bad_image, 0
+        self.device, self.on_bad_image = device, dataset.on_bad_image
+        self.bad_files: set[str] = set()
         self.mean, self.std = dataset.mean, dataset.std
         self._loader = DataLoader(
             dataset,
@@ -256,14 +275,19 @@ class TorchValLoader:
             collate_fn=_batch_as_is,
             pin_memory=device.type == "cuda",
             generator=torch.Generator(),  # iterating must not draw from the global RNG
+            worker_init_fn=ignore_stop_signals,
         )
+
+    @property
+    def bad_images(self) -> int:
+        return len(self.bad_files)
 
     def __len__(self) -> int:
         return len(self._batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for out in self._loader:
-            self.bad_images += warn_skipped(out["bad"])
+        for out in map(_checked, self._loader):
+            warn_skipped(out["bad"], self.bad_files)
             if len(out["labels"]):
                 yield (
                     finish(out, self.device, self.mean, self.std),

@@ -6,6 +6,7 @@ only tensors and plain Python values, so they load with `weights_only=True`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -16,8 +17,24 @@ import torch
 FORMAT_VERSION = 1
 
 
+def write_error(err: BaseException, path: str | Path, what: str) -> OSError:
+    """An OSError naming `path` and the cause (no space, not permitted...) of a failed write.
+    torch.save reports a full disk as RuntimeError ("unexpected pos"); the OSError behind it
+    is found in the exception's context."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        errno, reason = cause.errno, cause.strerror or str(cause)
+    else:
+        errno, reason = None, str(err)
+    return OSError(errno, f"could not write {what} {str(path)!r} ({reason}); the previous "
+                          f"{what} is unchanged")
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, rename over `path`."""
+    """torch.save to a temporary file beside `path`, fsync, rename over `path`; a failure
+    (a full disk, no permission) raises OSError naming `path` and the cause."""
     path = Path(path)
     tmp = None
     try:
@@ -30,10 +47,10 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"could not write checkpoint {str(path)!r} ({err.strerror}); "
-                          "the previous checkpoint is unchanged") from err
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise write_error(err, path, "checkpoint") from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

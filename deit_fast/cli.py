@@ -27,13 +27,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML recipe, e.g. configs/deit_small.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
         if name == "eval":
-            p.add_argument("--checkpoint", required=True, help="deit-fast, timm or DeiT weights")
+            p.add_argument("--checkpoint", required=True, help="deit-fast, timm or DeiT weights; "
+                           "a deit-fast checkpoint's own model, image size and precision are "
+                           "used unless set here")
+            p.add_argument("--ema", action="store_true",
+                           help="evaluate the EMA weights of a deit-fast checkpoint")
     p = sub.add_parser("demo", help="train a small DeiT on scikit-learn's digits, on the CPU")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="dotted overrides on the demo recipe")
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    p = data_sub.add_parser("check", help="list the files a training run would have to skip")
+    p = data_sub.add_parser("check", help="list the files a training run would skip and the "
+                                          "problems that stop it")
     p.add_argument("--data-path", required=True, help="dataset root (train/ and val/) or a split")
     p.add_argument("--full-decode", action="store_true", help="decode every image (slow, exact)")
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (arguments pass through)")
@@ -53,11 +58,14 @@ def _run_benchmark(name: str, args: list[str]) -> int:
 
 def _check_data(root: str, full_decode: bool) -> int:
     from data_pipeline import check_dataset
+    from data_pipeline.check import STOPS_TRAINING
 
     problems = check_dataset(root, full_decode=full_decode)
     for path, reason in problems:
         print(f"{path}\t{reason}")
-    print(f"{len(problems)} problem(s) found under {root}", file=sys.stderr)
+    stopping = sum(reason.startswith(STOPS_TRAINING) for _, reason in problems)
+    print(f"{len(problems)} problem(s) found under {root}: training would stop on "
+          f"{stopping} and skip {len(problems) - stopping} file(s)", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -74,23 +82,32 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_demo(args.output_dir, args.overrides)
             print(json.dumps(summary, indent=2))
             return 0
+        if args.command == "eval":
+            from deit_fast.run import evaluate_checkpoint
+
+            print(json.dumps(evaluate_checkpoint(args.config, args.overrides, args.checkpoint,
+                                                 args.ema), indent=2))
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
+            from deit_fast.distributed import is_main_process
             from deit_fast.run import train
 
-            print(json.dumps(train(cfg), indent=2))
-        elif args.command == "cache-teacher":
+            summary = train(cfg)
+            if is_main_process():
+                print(json.dumps(summary, indent=2))
+        else:
             from deit_fast.cache_teacher import cache_teacher
 
             print(f"teacher cache written to {cache_teacher(cfg)}")
-        else:
-            from deit_fast.run import evaluate_checkpoint
-
-            print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=2))
         return 0
     except (ConfigError, OSError, ValueError, RuntimeError) as err:
         print(f"deit-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint
+        print(f"deit-fast {args.command}: interrupted; a run resumes from its last checkpoint "
+              "when the same command is run again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

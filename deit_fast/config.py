@@ -108,6 +108,8 @@ class TrainConfig:
     resume: bool = True  # continue from output_dir/checkpoints/last.pt when present
     progress: bool = True
     max_bad_steps: int = 20  # stop after this many NaN/inf-loss steps in a row (each is skipped)
+    # under torchrun, ranks agree on a stop request every this many steps (a host barrier)
+    stop_check_interval: int = 20
 
 
 @dataclass
@@ -160,6 +162,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "train.max_bad_steps": (1, True),
     "train.accum_steps": (1, True),
     "train.peak_tflops": (0, False),
+    "train.stop_check_interval": (1, True),
 }
 
 PROBABILITIES = (

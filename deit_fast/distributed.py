@@ -3,6 +3,12 @@
 `torchrun` (or SLURM through it) sets RANK, LOCAL_RANK and WORLD_SIZE; `env://` reads
 MASTER_ADDR / MASTER_PORT. NCCL carries the gradients on GPUs, gloo on the CPU; a gloo
 group beside NCCL carries host-side flags (a stop request) without touching the GPU stream.
+
+Stop signals (SIGTERM, SIGUSR1, and a first SIGINT) only set a flag: the trainer finishes
+its step, checkpoints and exits 0. A second SIGINT raises KeyboardInterrupt at once.
+Loader workers ignore these signals (data_pipeline.workers), so a signal to the whole
+process group (Ctrl-C in a terminal, `scancel`, `kill -TERM -PGID`) reaches the trainer
+alone.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass
@@ -81,8 +87,14 @@ def teardown(job: Distributed) -> None:
         dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process outside one (read from the environment)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class StopRequest:
-    """Records SIGTERM / SIGUSR1 so the trainer can finish its step, checkpoint and exit 0."""
+    """Records a stop signal so the trainer can finish its step, checkpoint and exit 0;
+    a second SIGINT (Ctrl-C twice) raises KeyboardInterrupt where the program is."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -92,9 +104,12 @@ class StopRequest:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signal_name is not None:
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"deit-fast train: received {self.signal_name}; stopping after this step",
-              file=sys.stderr, flush=True)
+        again = "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+        print(f"deit-fast train: received {self.signal_name}; stopping after this step and "
+              f"writing a checkpoint{again}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:

@@ -1,28 +1,59 @@
-"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard events, PNG curves."""
+"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard events, PNG curves.
+
+A run that resumes from step S opens the log at S: records of the interrupted run past S
+(logged after its last checkpoint) are dropped from metrics.jsonl, and TensorBoard is told
+to purge its events past S, so no step is ever recorded twice.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
+from deit_fast.checkpoint import write_error
+
+
+def warn_write_failed(err: OSError) -> None:
+    warnings.warn(f"{err.strerror or err}; training goes on", stacklevel=2)
+
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, start_step: int = 0, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path.touch()  # the curves can be plotted before the first log line
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step] \
+            if self.path.is_file() else []
+        self._rewrite(kept)  # also creates the file: curves can be plotted before the first line
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                         purge_step=start_step + 1)
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            os.replace(tmp, self.path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise write_error(err, self.path, "metrics") from err
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise write_error(err, self.path, "metrics") from err
         if self._writer is not None:
             step = record.get("step", 0)
             for key, value in record.items():
@@ -41,7 +72,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
-    """Training loss and learning rate against step; val top-1 (model and EMA) against epoch."""
+    """Training loss and learning rate against step; val top-1 (model and EMA) against epoch.
+    Written to a temporary file and renamed: a failed write keeps the previous plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,5 +96,14 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
     if evals:
         axes[2].legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".{out_png.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out_png)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_error(err, out_png, "plot") from err
+    finally:
+        plt.close(fig)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
-from deit_fast import distributed
-from deit_fast.config import Config, save_config
+from deit_fast import checkpoint, distributed
+from deit_fast.config import Config, ConfigError, load_config, save_config, to_dict
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import DeiT, create_model, load_checkpoint
 from deit_fast.ops import resolve_kernels
 from deit_fast.teacher import load_teacher
-from deit_fast.train import Trainer
+from deit_fast.train import PRECISION, Trainer
 
 if TYPE_CHECKING:
     from data_pipeline import DatasetIndex, PlanParams
@@ -68,12 +72,21 @@ def uses_cache(cfg: Config) -> bool:
 
 
 def cached_views(cfg: Config) -> int | None:
-    """V of the teacher cache the run replays (views wrap around mod V), or None."""
+    """V of the teacher cache the run replays (views wrap around mod V), or None; warns when
+    the run draws more views than the cache holds, so that views repeat."""
     if not uses_cache(cfg):
         return None
     from data_pipeline.teacher_cache import read_manifest
 
-    return cfg.distill.num_views or read_manifest(cfg.distill.cache_dir)["num_views"]
+    views = cfg.distill.num_views or read_manifest(cfg.distill.cache_dir)["num_views"]
+    drawn = cfg.train.epochs * cfg.data.repeats
+    if drawn > views:
+        warnings.warn(f"the teacher cache in {cfg.distill.cache_dir} holds {views} views, this "
+                      f"run draws {drawn} (train.epochs={cfg.train.epochs} x data.repeats="
+                      f"{cfg.data.repeats}): views repeat from epoch "
+                      f"{views // cfg.data.repeats} on; build a cache with "
+                      f"distill.num_views={drawn} for fresh views", stacklevel=2)
+    return views
 
 
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):
@@ -137,9 +150,67 @@ def build_teacher_targets(cfg: Config, index: DatasetIndex, device: torch.device
     return lambda batch: cache.targets(batch.views, batch.samples, tau)
 
 
+def check_output_dir(cfg: Config) -> Path:
+    """train.output_dir, created if needed; OSError naming the key unless it is a writable
+    folder. Runs before any data or model work."""
+    run_dir = Path(cfg.train.output_dir)
+    where = f"train.output_dir {str(run_dir)!r}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"{where} is a file, not a folder; choose another "
+                                 "train.output_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(err.errno, f"{where} cannot be created or written to ({reason}); "
+                                 "choose another train.output_dir") from err
+    return run_dir
+
+
+# Keys a resumed run may change: they do not change what is computed (or, data.path, the
+# dataset fingerprint checks). data.batch_size is compared as the global batch.
+RESUMABLE = {"train.output_dir", "train.resume", "train.progress", "train.device",
+             "train.max_steps", "train.log_interval", "train.checkpoint_interval",
+             "train.stop_check_interval", "train.max_bad_steps", "train.eval_interval",
+             "data.path", "data.num_workers", "data.eval_batch_size", "data.batch_size"}
+
+
+def check_resume_config(cfg: Config, state: dict[str, Any], world_size: int, source: str
+                        ) -> None:
+    """ValueError naming every key whose value differs from the checkpoint's run."""
+    saved, now = state.get("config") or {}, to_dict(cfg)
+    differing = [
+        f"{section}.{key}: {saved[section][key]!r} in the checkpoint, {value!r} now"
+        for section, values in now.items() for key, value in values.items()
+        if f"{section}.{key}" not in RESUMABLE and key in saved.get(section, {})
+        and saved[section][key] != value]
+    if saved.get("data") and "world_size" in state:
+        then = saved["data"]["batch_size"] * state["world_size"]
+        if then != cfg.data.batch_size * world_size:
+            differing.append(f"global batch (data.batch_size x ranks): {then} in the "
+                             f"checkpoint, {cfg.data.batch_size * world_size} now")
+    if differing:
+        raise ValueError(f"{source} was written by a run with another config: "
+                         f"{'; '.join(differing)}. Resume with the checkpoint's settings "
+                         "(its config.yaml), or start afresh with another train.output_dir "
+                         "or train.resume=false")
+
+
+def resume_state(cfg: Config, run_dir: Path, world_size: int) -> dict[str, Any] | None:
+    """The checkpoint this run continues from (checked against the config), or None."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not (cfg.train.resume and last.is_file()):
+        return None
+    state = checkpoint.load(last)
+    check_resume_config(cfg, state, world_size, str(last))
+    return state
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train as configured, on one process or every rank torchrun starts; resumes from
-    output_dir/checkpoints/last.pt when it exists; SIGTERM / SIGUSR1 checkpoint and stop."""
+    output_dir/checkpoints/last.pt when it exists; SIGTERM, SIGUSR1 and a first Ctrl-C
+    checkpoint and stop."""
     dist = distributed.setup(resolve_device(cfg.train.device))
     try:
         with distributed.StopRequest() as stop:
@@ -151,6 +222,8 @@ def train(cfg: Config) -> dict[str, Any]:
 def _train(cfg: Config, dist: distributed.Distributed,
            stop: distributed.StopRequest) -> dict[str, Any]:
     device = dist.device
+    run_dir = check_output_dir(cfg)
+    state = resume_state(cfg, run_dir, dist.world_size)
     torch.manual_seed(cfg.train.seed)
     index, train_loader, val_loader, mixup = build_data(cfg, device, dist.rank, dist.world_size)
     num_classes = cfg.model.num_classes or len(index.classes)
@@ -161,34 +234,76 @@ def _train(cfg: Config, dist: distributed.Distributed,
     criterion = build_criterion(cfg, num_classes, device)
     if dist.active:
         torch.manual_seed(cfg.train.seed + dist.rank)  # drop-path masks differ between ranks
-    run_dir = Path(cfg.train.output_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main and state is None:
         save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, model, train_loader, val_loader, criterion, mixup, device, run_dir,
                       fingerprint=index.fingerprint,
                       teacher_targets=build_teacher_targets(cfg, index, device),
                       dist=dist, stop=stop)
     try:
-        if trainer.maybe_resume() and dist.is_main:
-            print(f"resuming from {run_dir / 'checkpoints' / 'last.pt'} at epoch "
-                  f"{trainer.epoch}, step {trainer.global_step}")
+        if state is not None:
+            trainer.resume(state)
+            if dist.is_main:
+                print(f"resuming from {run_dir / 'checkpoints' / 'last.pt'} at epoch "
+                      f"{trainer.epoch}, step {trainer.global_step}")
         return trainer.fit()
     finally:
         trainer.close()
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint_path: str) -> dict[str, float]:
-    """Top-1/top-5 of a checkpoint (deit-fast, timm or official DeiT) on data.path/val."""
+# What a deit-fast checkpoint's own config decides for its evaluation, unless overridden.
+EVAL_FROM_CHECKPOINT = ("model.name", "model.img_size", "model.num_classes", "train.precision",
+                        "data.crop_pct", "data.backend", "data.eval_batch_size")
+
+
+def eval_config(config_file: str | None, overrides: list[str], state: dict[str, Any]) -> Config:
+    """The config to evaluate a checkpoint with: EVAL_FROM_CHECKPOINT keys from the
+    checkpoint's own config (a deit-fast checkpoint has one), unless --config or an override
+    sets them."""
+    explicit = {text.partition("=")[0].strip() for text in overrides}
+    if config_file and Path(config_file).is_file():
+        raw = yaml.safe_load(Path(config_file).read_text()) or {}
+        explicit |= {f"{section}.{key}" for section, values in raw.items()
+                     if isinstance(values, dict) for key in values}
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    taken = []
+    for key in EVAL_FROM_CHECKPOINT:
+        section, name = key.split(".")
+        if key not in explicit and name in saved.get(section, {}):
+            taken.append(f"{key}={json.dumps(saved[section][name])}")
+    return load_config(config_file, [*taken, *overrides])
+
+
+def evaluate_checkpoint(config_file: str | None, overrides: list[str], checkpoint_path: str,
+                        ema: bool = False) -> dict[str, float]:
+    """Top-1/top-5 of a checkpoint (deit-fast, timm or official DeiT) on data.path/val, with
+    the precision, image size and model its training run evaluated with (eval_config);
+    ema: the EMA weights of a deit-fast checkpoint. Equals training's own evaluation."""
     from data_pipeline import DatasetIndex, build_val_loader
     from deit_fast.evaluate import evaluate
+    from deit_fast.models import CheckpointMismatch, read_state_dict
 
+    try:
+        state = checkpoint.load(checkpoint_path)
+    except ValueError as err:
+        raise CheckpointMismatch(str(err)) from err
+    cfg = eval_config(config_file, overrides, state)
+    if ema:
+        if not isinstance(state.get("ema"), dict):
+            raise ConfigError(f"--ema: checkpoint {checkpoint_path!r} holds no EMA weights "
+                              "(only deit-fast checkpoints of runs with train.ema=true do)")
+        weights = state["ema"]
+    else:
+        weights = read_state_dict(state)
     device = resolve_device(cfg.train.device)
     val_index = DatasetIndex.from_folder(data_root(cfg), split="val")
     model = build_model(cfg, cfg.model.num_classes or len(val_index.classes), device)
-    load_checkpoint(model, checkpoint_path)
+    load_checkpoint(model, weights)
     loader = build_val_loader(val_index, image_size=image_size(cfg), crop_pct=cfg.data.crop_pct,
                               batch_size=cfg.data.eval_batch_size,
                               num_workers=cfg.data.num_workers, backend=cfg.data.backend,
                               device=device, on_bad_image=cfg.data.on_bad_image)
-    return evaluate(model, loader, device)
+    dtype = PRECISION[cfg.train.precision]
+    if dtype == torch.float32:
+        return evaluate(model, loader, device)
+    return evaluate(model, loader, device, lambda: torch.autocast(device.type, dtype=dtype))

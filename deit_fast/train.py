@@ -5,7 +5,12 @@ on the device and are read only at log intervals, and the step itself (lr, mixin
 non-finite guard, AdamW, EMA) reads nothing on the host. Under DDP every rank runs the same
 loop; only rank 0 writes logs, metrics, plots and checkpoints. Checkpoints hold
 everything needed to continue exactly (model, optimizer, scaler, EMA, schedule position,
-data position as a global item count, every rank's RNG).
+data position as a global item count, every rank's RNG, the unreadable files met so far).
+
+A stop request (SIGTERM, SIGUSR1, Ctrl-C) is honoured after the step it arrives in; under
+torchrun the ranks agree on it every train.stop_check_interval steps and at epoch ends,
+so the stop comes up to that many steps later. A resumed run's metrics continue from the
+checkpoint's step: later records of the interrupted run are dropped, never repeated.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +35,7 @@ from deit_fast.distributed import Distributed, StopRequest
 from deit_fast.ema import ModelEma
 from deit_fast.evaluate import evaluate
 from deit_fast.flops import mfu, peak_tflops, train_flops_per_image
-from deit_fast.metrics import MetricsLog, plot_curves
+from deit_fast.metrics import MetricsLog, plot_curves, warn_write_failed
 from deit_fast.optim import CosineSchedule, build_optimizer, scaled_lr
 from deit_fast.step_graph import CapturedStep
 
@@ -38,7 +44,7 @@ PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 
 class TrainLoader(Protocol):
     steps_per_epoch: int
-    bad_images: int
+    bad_files: set[str]  # unreadable files skipped so far
 
     def epoch(self, epoch: int, start_step: int = 0,
               start_item: int | None = None) -> Iterable[Any]: ...
@@ -94,6 +100,15 @@ class Trainer:
         self.schedule = CosineSchedule(lr, cfg.optim.min_lr, cfg.optim.warmup_lr,
                                        round(cfg.optim.warmup_epochs * updates),
                                        cfg.train.epochs * updates)
+        all_updates = cfg.train.epochs * updates
+        run_updates = min(all_updates, (cfg.train.max_steps or all_updates * self.accum_steps)
+                          // self.accum_steps)
+        if self.dist.is_main and self.schedule.warmup_steps >= run_updates > 0 and \
+                cfg.optim.warmup_epochs > 0:
+            warnings.warn(f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} is as long as the "
+                          f"whole run ({run_updates} updates of train.epochs={cfg.train.epochs}, "
+                          f"train.max_steps={cfg.train.max_steps}): the learning rate never "
+                          "reaches optim.lr; lower optim.warmup_epochs", stacklevel=2)
         self.optimizer = build_optimizer(model, cfg.optim, lr, device,
                                          capturable=cfg.train.cuda_graphs)
         self.lr = torch.zeros((), device=device)  # every group's lr, filled from the schedule
@@ -121,7 +136,9 @@ class Trainer:
         self.bad_streak = torch.zeros((), device=device)  # consecutive skipped steps now
         self.worst_streak = torch.zeros((), device=device)  # longest streak since last check
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
+        self.resumed_bad_files: set[str] = set()  # met before the checkpoint this run resumed
+        self.metrics: MetricsLog | None = None  # opened by fit(), at the step it starts from
+        self.plotted_step = -1
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -141,6 +158,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "best_top1": self.best_top1,
             "bad_steps": int(self.bad_steps.item()),
+            "bad_files": sorted(set().union(*self.dist.gather(self.bad_files()))),
             "rng": self.dist.gather(checkpoint.rng_state()),
         }
 
@@ -164,11 +182,17 @@ class Trainer:
         self.step_in_epoch = self.item_in_epoch // self.items_per_step
         self.global_step = self.epoch * self.train_loader.steps_per_epoch + self.step_in_epoch
         self.bad_steps.fill_(state.get("bad_steps", 0))
+        self.resumed_bad_files = set(state.get("bad_files", ()))
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == self.dist.world_size:
             checkpoint.set_rng_state(rngs[self.dist.rank])
         else:  # another world size: a fresh, reproducible stream per rank
             torch.manual_seed(hash((self.cfg.train.seed, self.dist.rank, self.global_step)))
+
+    def bad_files(self) -> set[str]:
+        """Unreadable files met in training and validation, over the whole run (this rank)."""
+        return (self.resumed_bad_files | self.train_loader.bad_files
+                | getattr(self.val_loader, "bad_files", set()))
 
     def save(self, name: str = "last.pt") -> None:
         """Rank 0 writes; a failed write raises on every rank, so no rank trains on alone."""
@@ -182,14 +206,11 @@ class Trainer:
         if self.dist.any_rank(error is not None):
             raise error or OSError(f"rank 0 could not write checkpoint {name}; see its error")
 
-    def maybe_resume(self) -> bool:
-        last = self.ckpt_dir / "last.pt"
-        if not (self.cfg.train.resume and last.is_file()):
-            return False
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from `state`, the run's checkpoints/last.pt."""
         if self.dist.is_main:
             checkpoint.remove_stale_temporaries(self.ckpt_dir)
-        self.load_state_dict(checkpoint.load(last), source=str(last))
-        return True
+        self.load_state_dict(state, source=str(self.ckpt_dir / "last.pt"))
 
     # ----------------------------------------------------------------- loop
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -274,8 +295,18 @@ class Trainer:
         bar = tqdm(total=cfg.epochs * steps, initial=self.global_step, desc="train",
                    disable=not (cfg.progress and self.dist.is_main), unit="step",
                    dynamic_ncols=True)
+        if self.dist.is_main:
+            self.metrics = MetricsLog(self.run_dir, start_step=self.global_step)
         running = torch.zeros(2, device=self.device)  # loss sum over finite steps, their count
         window_start, window_steps = time.perf_counter(), 0
+
+        def finish() -> dict[str, Any]:
+            """The last, partial log window and the curves, then the summary."""
+            if window_steps:
+                self.log_window(running, window_steps, time.perf_counter() - window_start, bar)
+            self.plot()
+            return self.summary()
+
         try:
             while self.epoch < cfg.epochs:
                 self.model.train()
@@ -295,20 +326,33 @@ class Trainer:
                         running.zero_()
                         window_start, window_steps = time.perf_counter(), 0
                     end_of_epoch = self.step_in_epoch >= steps
-                    if self.dist.any_rank(bool(self.stop)):
-                        return self.stop_on_signal()
+                    # a stop waits for the end of an update: a checkpoint holds no partial
+                    # accumulated gradients
+                    if self.updated and self.stop_requested(end_of_epoch):
+                        self.stop_on_signal()
+                        return finish()
                     if cfg.checkpoint_interval and not end_of_epoch and \
                             self.global_step % cfg.checkpoint_interval == 0:
                         self.save()
                     if cfg.max_steps and self.global_step >= cfg.max_steps and not end_of_epoch:
                         self.save()
-                        return self.summary()
+                        return finish()
                 self.end_epoch()
                 if cfg.max_steps and self.global_step >= cfg.max_steps:
                     break
+            return finish()
         finally:
             bar.close()
-        return self.summary()
+
+    def stop_requested(self, end_of_epoch: bool) -> bool:
+        """One process reads its own flag every step (no device sync). Ranks agree with a
+        gloo all-reduce, a host barrier, only every train.stop_check_interval steps and at
+        epoch ends; every rank reaches those steps together."""
+        if not self.dist.active:
+            return bool(self.stop)
+        if end_of_epoch or self.global_step % self.cfg.train.stop_check_interval == 0:
+            return self.dist.any_rank(bool(self.stop))
+        return False
 
     def count_bad(self, bad: Tensor) -> None:
         if not self.updated:  # a micro-batch that only accumulated: no update to count
@@ -341,11 +385,11 @@ class Trainer:
                   "lr": self.last_lr, "img_per_s": img_per_s,
                   "mfu": mfu(self.flops_per_image, img_per_s / self.dist.world_size,
                              self.peak_tflops),
-                  "bad_images": self.train_loader.bad_images, "bad_steps": int(bad_steps)}
+                  "bad_images": len(self.bad_files()), "bad_steps": int(bad_steps)}
         self.metrics.log(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{img_per_s:.0f}")
 
-    def stop_on_signal(self) -> dict[str, Any]:
+    def stop_on_signal(self) -> None:
         self.check_bad_steps(self.worst_streak.item())
         self.save()
         self.stopped = True
@@ -353,7 +397,6 @@ class Trainer:
             print(f"deit-fast train: stopped on request at step {self.global_step}; wrote "
                   f"{self.ckpt_dir / 'last.pt'}; run the same command to resume",
                   file=sys.stderr, flush=True)
-        return self.summary()
 
     def end_epoch(self) -> None:
         finished = self.epoch
@@ -371,8 +414,16 @@ class Trainer:
         self.save()
         if is_best:
             self.save("best.pt")
-        if self.metrics:
-            plot_curves(self.metrics.path, self.run_dir / "curves.png")
+        self.plot()
+
+    def plot(self) -> None:
+        """curves.png from metrics.jsonl (rank 0); a failed write warns and training goes on."""
+        if self.metrics and self.plotted_step != self.global_step:
+            try:
+                plot_curves(self.metrics.path, self.run_dir / "curves.png")
+            except OSError as err:
+                warn_write_failed(err)
+            self.plotted_step = self.global_step
 
     def evaluate(self) -> dict[str, float]:
         result = evaluate(self.eval_model, self.val_loader, self.device, self.autocast)
@@ -383,7 +434,7 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "global_step": self.global_step,
-                "best_top1": self.best_top1, "bad_images": self.train_loader.bad_images,
+                "best_top1": self.best_top1, "bad_images": len(self.bad_files()),
                 "bad_steps": int(self.bad_steps.item()), "stopped": self.stopped,
                 **self.last_eval}
 

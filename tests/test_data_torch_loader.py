@@ -147,7 +147,7 @@ def test_bad_files_are_replaced_counted_and_named(bad_tree):
         batches = _collect(loader, epoch=0) + _collect(loader, epoch=1) + _collect(loader, epoch=2)
     shown = {int(s) for b in batches for s in b.samples}
     assert not shown & bad_ids  # replaced by readable samples
-    assert loader.bad_images == len(caught) == 9  # each bad file, R times, over one cycle
+    assert loader.bad_images == len(caught) == 3  # distinct files, whatever views met them
     named = " ".join(str(w.message) for w in caught)
     assert all(name in named for name in BAD)
     assert all(torch.isfinite(b.images).all() for b in batches)

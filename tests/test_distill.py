@@ -109,7 +109,7 @@ class IndexedLoader:
 
     def __init__(self, images, labels, batch_size):
         self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.steps_per_epoch, self.bad_images = len(images) // batch_size, 0
+        self.steps_per_epoch, self.bad_files = len(images) // batch_size, set()
 
     def epoch(self, epoch, start_step=0, start_item=None):
         for step in range(start_step, self.steps_per_epoch):

@@ -13,7 +13,8 @@ from PIL import Image
 
 from deit_fast import checkpoint
 from deit_fast.run import train
-from tests.test_faults import ROOT, assert_same_run, overrides, seeded_eval
+from tests.fault_driver import ROOT, seeded_eval
+from tests.test_faults import assert_same_run, overrides
 from tests.test_train import tiny_config, write_tiny_imagefolder
 
 # deterministic data: no mixup (keyed per rank batch) and no drop path (per-rank RNG)
@@ -24,14 +25,15 @@ EXACT_DATA = ("data.mixup=0.0", "data.cutmix=0.0", "model.drop_path=0.0", "train
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "tests.test_faults", *args]
+               "--nproc_per_node=2", "-m", "tests.fault_driver", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Two ranks of batch 4; rank 1 alone gets SIGTERM as step 2 starts."""
+    """Two ranks of batch 4; rank 1 alone gets SIGTERM as step 2 starts; the ranks agree on
+    stopping every 2 steps, so both stop after step 2."""
     data = tmp_path_factory.mktemp("ddp") / "data"
     write_tiny_imagefolder(data)
     extra = data / "val" / "class_1" / "extra.jpg"  # 13 val images: not divisible by 2
@@ -40,7 +42,8 @@ def two_ranks(tmp_path_factory):
     out = data.parent / "two"
     run = torchrun("--send", "SIGTERM", "--at", "1", "--rank", "1",
                    "--eval-first", str(data.parent / "eval.json"), "--",
-                   *overrides(data, out, *EXACT_DATA, "data.batch_size=4", "train.max_steps=5"))
+                   *overrides(data, out, *EXACT_DATA, "data.batch_size=4", "train.max_steps=5",
+                              "train.stop_check_interval=2"))
     return data, out, run
 
 

@@ -1,15 +1,16 @@
-"""A run survives SIGKILL, SIGTERM, NaN losses and failed checkpoint writes, and resumes exactly.
+"""A run survives SIGKILL, SIGTERM, Ctrl-C, NaN losses and failed writes, and resumes exactly.
 
-Run as a module (`python -m tests.test_faults`), this file is the driver that trains while
-injecting a fault at a chosen step, the way tests/test_distributed.py also launches it.
+Faults from inside the run (a signal at a chosen step, a kill inside a checkpoint write)
+come from tests/fault_driver.py; signals from outside go to `python -m deit_fast train`,
+the way a user, a terminal or a scheduler sends them.
 """
 
-import argparse
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,73 +23,13 @@ from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.run import train
 from deit_fast.train import BadStepsError, Trainer
+from tests.fault_driver import ROOT
 from tests.test_train import TensorLoader, tiny_config, write_tiny_imagefolder
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------- the driver
-def main(argv: list[str] | None = None) -> None:
-    """Train with `overrides`; send signal `--send` to this process as step `at` starts (on `rank`),
-    or inside the `at`-th checkpoint write, between the temporary file and its rename."""
-    from deit_fast import train as train_module
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--send", default="SIGKILL")
-    parser.add_argument("--at", type=int, required=True)
-    parser.add_argument("--during-write", action="store_true")
-    parser.add_argument("--rank", type=int, default=0)
-    parser.add_argument("--eval-first", help="evaluate a seeded model on data.path/val first, "
-                                             "writing the result here (JSON, from rank 0)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    sig = getattr(signal, args.send)
-    cfg = load_config(None, args.overrides)
-    if args.eval_first:
-        from deit_fast import distributed
-
-        dist = distributed.setup(torch.device("cpu"))  # train() joins this group
-        result = seeded_eval(Path(cfg.data.path), dist.rank, dist.world_size)
-        if dist.is_main:
-            Path(args.eval_first).write_text(json.dumps(result))
-    if int(os.environ.get("RANK", "0")) == args.rank:
-        if args.during_write:
-            replace, writes = os.replace, [0]
-
-            def killing_replace(src, dst):
-                writes[0] += 1
-                if writes[0] == args.at:
-                    os.kill(os.getpid(), sig)
-                replace(src, dst)
-
-            checkpoint.os.replace = killing_replace
-        else:
-            step = train_module.Trainer.train_step
-
-            def signalling_step(self, batch):
-                if self.global_step == args.at:
-                    os.kill(os.getpid(), sig)
-                return step(self, batch)
-
-            train_module.Trainer.train_step = signalling_step
-    print(json.dumps(train(cfg)))
-
-
-def seeded_eval(data: Path, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """A fixed random micro DeiT evaluated on this rank's shard of data/val (batches of 4)."""
-    from data_pipeline import DatasetIndex, build_val_loader
-    from deit_fast.evaluate import evaluate
-
-    torch.manual_seed(0)
-    model = create_model("deit_micro_patch4_32", num_classes=3, depth=1)
-    loader = build_val_loader(DatasetIndex.from_folder(data, split="val"), image_size=32,
-                              batch_size=4, num_workers=0, rank=rank, world_size=world_size)
-    return evaluate(model, loader, torch.device("cpu"))
 
 
 def run_driver(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "tests.test_faults", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "tests.fault_driver", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -278,5 +219,85 @@ def test_position_of_another_world_size_is_a_global_item_count(tmp_path):
     assert (trainer.item_in_epoch, trainer.step_in_epoch, trainer.global_step) == (12, 1, 1)
 
 
-if __name__ == "__main__":
-    main()
+
+# --------------------------------------------------------------------------- signals from outside
+SIGNAL_ARGS = ("data.batch_size=4", "data.num_workers=1", "train.epochs=2", "train.log_interval=1",
+               "optim.warmup_epochs=0")
+
+
+@pytest.fixture(scope="module", params=["torch", "dali"])
+def straight_run(request, data):
+    out = data.parent / f"straight-{request.param}"
+    args = (*SIGNAL_ARGS, f"data.backend={request.param}")
+    train(tiny_config(data, out, *args))
+    return request.param, args, out
+
+
+def logged_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [r["step"] for r in map(json.loads, filter(None, lines)) if "loss" in r]
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGTERM to the group"])
+def test_signal_from_outside_checkpoints_exits_zero_and_resumes_identical(straight_run, how):
+    """`python -m deit_fast train` signalled mid-epoch as a user (Ctrl-C, kill) or a scheduler
+    (the whole process group: loader workers too) would; the same command then finishes the
+    run exactly as an uninterrupted one, logging each step once."""
+    backend, args, straight_dir = straight_run
+    out = straight_dir.parent / f"{backend}-{how.replace(' ', '-')}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deit_fast", "train",
+                             *overrides(straight_dir.parent / "data", out, *args)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        while not logged_steps(out)[1:] and proc.poll() is None:  # step 2 is done
+            time.sleep(0.02)
+        sig = signal.SIGINT if how == "SIGINT" else signal.SIGTERM
+        if how.endswith("group"):
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stderr.count(f"received {sig.name}") == 1, stderr[-3000:]  # the trainer alone
+    assert "stopped on request" in stderr and "run the same command to resume" in stderr
+    summary = json.loads(stdout[stdout.index("{"):])
+    total = checkpoint.load(straight_dir / "checkpoints" / "last.pt")["global_step"]
+    assert summary["stopped"] is True and summary["global_step"] < total
+    train(tiny_config(straight_dir.parent / "data", out, *args))  # the same command again
+    assert_same_run(straight_dir, out)
+    assert logged_steps(out) == logged_steps(straight_dir) == list(range(1, total + 1))
+
+
+def test_group_sigterm_under_torchrun_stops_both_ranks_together(data):
+    """A scheduler's SIGTERM to torchrun's process group reaches the agent, both ranks and
+    their loader workers: the ranks finish the step on which they agree to stop, rank 0
+    checkpoints and prints once, no rank fails (torchrun itself still reports the signal
+    with its own exit status 1); the run then finishes on one process, each step logged once."""
+    out = data.parent / "torchrun-group"
+    args = (*SIGNAL_ARGS, "train.stop_check_interval=2", "data.mixup=0.0", "data.cutmix=0.0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "deit_fast", "train",
+                             *overrides(data, out, *args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while not logged_steps(out) and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert stderr.count("received SIGTERM") == 2, stderr[-3000:]  # two ranks, no worker
+    assert stderr.count("stopped on request") == 1 and "ChildFailedError" not in stderr
+    assert stdout.count('"stopped": true') == 1  # rank 0 alone prints the summary
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and state["global_step"] % 2 == 0
+    train(tiny_config(data, out, *args, "data.batch_size=8"))  # the same global batch
+    total = checkpoint.load(out / "checkpoints" / "last.pt")["global_step"]
+    assert total > state["global_step"] and logged_steps(out) == list(range(1, total + 1))

@@ -85,23 +85,20 @@ def load_checkpoint(model: DeiT, source: str | Path | dict[str, Any],
                     new_head: bool = False) -> None:
     """Load a timm / official DeiT / deit-fast state dict (raw or under "model") into `model`.
 
-    pos_embed is resized bicubically to the model's resolution. A tensor whose name or shape
-    does not fit raises CheckpointMismatch naming it; with new_head=True, class heads of
-    another size are left at their fresh initialisation instead (fine-tuning to new classes).
+    The architecture is checked first: the first tensor, in the model's order, that is
+    missing or of another shape (pos_embed aside), then any unexpected tensor (a
+    distillation token the model lacks), raises CheckpointMismatch naming it. Only then is
+    pos_embed resized bicubically to the model's resolution. With new_head=True, class
+    heads of another size are left at their fresh initialisation (fine-tuning to new classes).
     """
     state = read_state_dict(source)
     own = model.state_dict()
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        theirs = state["pos_embed"]
-        if theirs.shape[-1] == own["pos_embed"].shape[-1]:
-            prefix = model.num_prefix_tokens
-            if theirs.shape[1] - prefix != own["pos_embed"].shape[1] - prefix:
-                state["pos_embed"] = interpolate_pos_embed(theirs, prefix, model.grid)
     for key, value in own.items():
         if key not in state:
             raise CheckpointMismatch(f"checkpoint does not fit {type(model).__name__}: tensor "
-                                     f"{key!r} {tuple(value.shape)} is missing")
-        if state[key].shape != value.shape:
+                                     f"{key!r} {tuple(value.shape)} is missing (another "
+                                     "architecture?)")
+        if key != "pos_embed" and state[key].shape != value.shape:
             if new_head and key.split(".")[0] in ("head", "head_dist"):
                 state[key] = value
                 continue
@@ -112,6 +109,13 @@ def load_checkpoint(model: DeiT, source: str | Path | dict[str, Any],
     if extra:
         raise CheckpointMismatch(f"checkpoint does not fit: unexpected tensor {extra[0]!r} "
                                  f"{tuple(state[extra[0]].shape)} (another architecture?)")
+    theirs, wanted = state["pos_embed"], own["pos_embed"]
+    if theirs.shape != wanted.shape:
+        if theirs.shape[-1] != wanted.shape[-1]:
+            raise CheckpointMismatch(f"checkpoint does not fit: tensor 'pos_embed' has shape "
+                                     f"{tuple(theirs.shape)}, the model expects "
+                                     f"{tuple(wanted.shape)}")
+        state["pos_embed"] = interpolate_pos_embed(theirs, model.num_prefix_tokens, model.grid)
     model.load_state_dict(state, strict=True)
 
 

@@ -1,0 +1,82 @@
+"""Trains with a fault injected at a chosen step: `python -m tests.fault_driver --send SIG --at N`.
+
+Signals this process as step N starts (on one rank), or inside the N-th checkpoint write,
+between the temporary file and its rename. tests/test_faults.py and tests/test_distributed.py
+launch it (the latter through torchrun); signals from outside the process go to the real
+`python -m deit_fast train` instead.
+"""
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from deit_fast import checkpoint
+from deit_fast.config import load_config
+from deit_fast.models import create_model
+from deit_fast.run import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> None:
+    from deit_fast import train as train_module
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--send", default="SIGKILL")
+    parser.add_argument("--at", type=int, required=True)
+    parser.add_argument("--during-write", action="store_true")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--eval-first", help="evaluate a seeded model on data.path/val first, "
+                                             "writing the result here (JSON, from rank 0)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    sig = getattr(signal, args.send)
+    cfg = load_config(None, args.overrides)
+    if args.eval_first:
+        from deit_fast import distributed
+
+        dist = distributed.setup(torch.device("cpu"))  # train() joins this group
+        result = seeded_eval(Path(cfg.data.path), dist.rank, dist.world_size)
+        if dist.is_main:
+            Path(args.eval_first).write_text(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == args.rank:
+        if args.during_write:
+            replace, writes = os.replace, [0]
+
+            def killing_replace(src, dst):
+                writes[0] += 1
+                if writes[0] == args.at:
+                    os.kill(os.getpid(), sig)
+                replace(src, dst)
+
+            checkpoint.os.replace = killing_replace
+        else:
+            step = train_module.Trainer.train_step
+
+            def signalling_step(self, batch):
+                if self.global_step == args.at:
+                    os.kill(os.getpid(), sig)
+                return step(self, batch)
+
+            train_module.Trainer.train_step = signalling_step
+    print(json.dumps(train(cfg)))
+
+
+def seeded_eval(data: Path, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """A fixed random micro DeiT evaluated on this rank's shard of data/val (batches of 4)."""
+    from data_pipeline import DatasetIndex, build_val_loader
+    from deit_fast.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = create_model("deit_micro_patch4_32", num_classes=3, depth=1)
+    loader = build_val_loader(DatasetIndex.from_folder(data, split="val"), image_size=32,
+                              batch_size=4, num_workers=0, rank=rank, world_size=world_size)
+    return evaluate(model, loader, torch.device("cpu"))
+
+
+if __name__ == "__main__":
+    main()
