@@ -132,7 +132,7 @@ class _Batches:
     """The trainer's loader seam over one batch already on the device."""
 
     def __init__(self, batch: SimpleNamespace) -> None:
-        self.batch, self.steps_per_epoch, self.bad_images = batch, 1000, 0
+        self.batch, self.steps_per_epoch, self.bad_files = batch, 1000, set()
 
     def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None):
         yield from (self.batch for _ in range(start_step, self.steps_per_epoch))

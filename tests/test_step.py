@@ -62,7 +62,7 @@ class Loader:
             labels=torch.randint(0, CLASSES, (batch,), generator=g).to(device),
             teacher=torch.softmax(torch.randn(batch, CLASSES, generator=g), -1).to(device))
             for _ in range(steps)]
-        self.steps_per_epoch, self.bad_images = steps, 0
+        self.steps_per_epoch, self.bad_files = steps, set()
 
     def epoch(self, epoch, start_step=0, start_item=None):
         yield from self.batches[start_step:]
