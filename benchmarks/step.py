@@ -48,11 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# Run as a script, this folder heads sys.path and benchmarks/kernels.py would shadow the
-# kernels package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path[0] = str(_HERE.parent)
+sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
 from data_pipeline import Mixup  # noqa: E402

@@ -59,3 +59,9 @@ def test_data_check_lists_bad_files(capsys, tmp_path):
     assert main(["data", "check", "--data-path", str(tmp_path / "data")]) == 1
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.out and "1 problem(s)" in captured.err
+
+
+def test_bench_names_run_their_scripts(capfd):
+    for name in ("kernels", "step", "data", "distill", "compile"):
+        assert main(["bench", name, "--help"]) == 0
+        assert "usage:" in capfd.readouterr().out, name
