@@ -22,7 +22,7 @@ from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.run import train
 from deit_fast.train import BadStepsError, Trainer
-from tests.test_train import TensorLoader, tiny_config, write_tiny_imagefolder
+from tests.helpers import TensorLoader, tiny_config, write_tiny_imagefolder
 
 ROOT = Path(__file__).resolve().parent.parent
 

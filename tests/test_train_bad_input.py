@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_pipeline import BadImageError
 from deit_fast.run import train
-from tests.test_train import tiny_config, write_tiny_imagefolder
+from tests.helpers import tiny_config, write_tiny_imagefolder
 
 
 def add_awkward_files(root):
