@@ -55,7 +55,7 @@ from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta 
 from data_pipeline import Mixup  # noqa: E402
 from deit_fast import flops as step_flops  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
-from deit_fast.losses import DistillationLoss  # noqa: E402
+from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
@@ -365,7 +365,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no row after this many seconds (later rows are recorded "
                              "as skipped)")
-    parser.add_argument("--distill", choices=("none", "soft", "hard"), default="none",
+    parser.add_argument("--distill", choices=DISTILL_TYPES, default="none",
                         help="the distillation loss of every row, on random teacher targets "
                              "(a cache's, already looked up)")
     parser.add_argument("--cuda-graphs", action="store_true",
