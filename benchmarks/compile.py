@@ -37,10 +37,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path[0] = str(_HERE.parent)  # as in kernels.py: this folder must not shadow kernels/
-REPO = _HERE.parent
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the repository, not benchmarks/
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block
 TENSOR_CORE_SASS = {90: "HGMMA", 80: "HMMA"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import platform
 import sys
@@ -25,7 +26,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipeline import DatasetIndex, PlanParams, build_train_loader  # noqa: E402
+from data_pipeline import DatasetIndex, build_train_loader  # noqa: E402
+from deit_fast.config import Config  # noqa: E402
+from deit_fast.run import plan_params  # noqa: E402
 
 PHOTOS = (
     "astronaut",
@@ -90,7 +93,8 @@ def cpu_seconds() -> float:
 
 def bench_loader(index: DatasetIndex, backend: str, device: torch.device, args) -> dict:
     """img/s and CPU ms per image over args.steps batches, after args.warmup batches."""
-    params = PlanParams(image_size=args.image_size, rand_augment=args.rand_augment or None)
+    params = dataclasses.replace(plan_params(Config()), image_size=args.image_size,
+                                 rand_augment=args.rand_augment or None)
     loader = build_train_loader(
         index,
         params,

@@ -16,6 +16,7 @@ reported, as a busy machine only ever adds time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import sys
@@ -40,6 +41,8 @@ from data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E402
 from data_pipeline.plan import RA_OPS, AugmentationPlan  # noqa: E402
 from data_pipeline.sampler import RepeatedAugSampler  # noqa: E402
 from data_pipeline.torch_loader import TrainViews, normalize  # noqa: E402
+from deit_fast.config import Config  # noqa: E402
+from deit_fast.run import plan_params  # noqa: E402
 
 # one mid-strength parameter per op (magnitude 9 of 10, as the recipe's rand-m9)
 OP_PARAMS = {"rotate": 27.0, "posterize": 5.0, "solarize": 64.0, "solarize_add": 99.0,
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--csv", default="data_stages.csv")
     args = parser.parse_args(argv)
 
-    params = PlanParams(rand_augment=args.rand_augment)
+    params = dataclasses.replace(plan_params(Config()), rand_augment=args.rand_augment)
     torch.set_num_threads(1)  # as in DataLoader workers: idle OpenMP threads spin and bill CPU
     warnings.filterwarnings("ignore", message="The external source node")  # prefixes use few
     with tempfile.TemporaryDirectory() as scratch:

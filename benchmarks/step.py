@@ -48,17 +48,14 @@ from typing import Any
 import torch
 from torch import nn
 
-# Run as a script, this folder heads sys.path and benchmarks/kernels.py would shadow the
-# kernels package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path[0] = str(_HERE.parent)
+sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
 from data_pipeline import Mixup  # noqa: E402
 from deit_fast import flops as step_flops  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
-from deit_fast.losses import DistillationLoss  # noqa: E402
+from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
@@ -368,7 +365,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no row after this many seconds (later rows are recorded "
                              "as skipped)")
-    parser.add_argument("--distill", choices=("none", "soft", "hard"), default="none",
+    parser.add_argument("--distill", choices=DISTILL_TYPES, default="none",
                         help="the distillation loss of every row, on random teacher targets "
                              "(a cache's, already looked up)")
     parser.add_argument("--cuda-graphs", action="store_true",

@@ -1,4 +1,4 @@
-"""Dataset index (ImageFolder tree or a `path<TAB>label` list), fingerprint, image reading.
+"""Dataset index of an ImageFolder tree, its fingerprint, image reading.
 
 Indexing uses os.scandir, which returns names and file types in one directory read and
 sizes from one stat each, so ImageNet's 1.28M files index in seconds.
@@ -87,43 +87,6 @@ class DatasetIndex:
             sizes.extend(s for _, s in files)
             labels.extend([label] * len(files))
         return cls(top, paths, np.asarray(labels, np.int64), classes, np.asarray(sizes, np.int64))
-
-    @classmethod
-    def from_file_list(cls, path: str, root: str) -> DatasetIndex:
-        """Index a text file of `relative/path<TAB>label` lines (label: int or class name)."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"file list not found: {path}")
-        rows: list[tuple[str, str]] = []
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                fields = line.rstrip("\n").split("\t")
-                if len(fields) != 2:
-                    raise ValueError(f"{path}:{number}: expected 'path<TAB>label', got {line!r}")
-                rows.append((os.path.join(root, fields[0]), fields[1]))
-        if not rows:
-            raise ValueError(f"file list is empty: {path}")
-        names = sorted({label for _, label in rows})
-        if all(n.isdigit() for n in names):  # integer labels: classes 0..max
-            lookup = {n: int(n) for n in names}
-            classes = [str(i) for i in range(max(lookup.values()) + 1)]
-        else:
-            lookup = {n: i for i, n in enumerate(names)}
-            classes = names
-        sizes = []
-        for file, _ in rows:
-            try:
-                sizes.append(os.stat(file).st_size)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: listed image not found: {file}") from None
-        return cls(
-            root,
-            [file for file, _ in rows],
-            np.asarray([lookup[label] for _, label in rows], np.int64),
-            classes,
-            np.asarray(sizes, np.int64),
-        )
 
 
 def jpeg_truncated(head: bytes, tail: bytes) -> bool:

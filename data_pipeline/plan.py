@@ -68,6 +68,7 @@ _S_RA = 30  # + 8 * layer + {0: op, 1: apply, 2-3: gaussian, 4: sign}
 _S_ERASE, _S_ERASE_AREA, _S_ERASE_ASPECT, _S_ERASE_TOP, _S_ERASE_LEFT = 100, 101, 111, 121, 122
 _S_ERASE_NOISE = 123
 _S_REPLACE = 200  # + attempt: replacement for an unreadable file
+ERASE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
 _ERASE_AREA = (0.02, 1 / 3)
 _ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 
@@ -115,21 +116,22 @@ class RandAugmentConfig:
 
 @dataclass(frozen=True)
 class PlanParams:
-    """What the plan draws from; the defaults are the DeiT recipe."""
+    """What the plan draws from. The recipe's values have no defaults here: the trainer's
+    config schema declares them, and the plan is built from the config."""
 
-    image_size: int = 224
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
+    image_size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    rand_augment: str | None
+    reprob: float
     remode: str = "pixel"
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
     def __post_init__(self) -> None:
-        if self.remode not in ("pixel", "rand", "const"):
-            raise ValueError(f"remode {self.remode!r}: accepted 'pixel', 'rand', 'const'")
+        if self.remode not in ERASE_MODES:
+            raise ValueError(f"remode {self.remode!r}: accepted {', '.join(ERASE_MODES)}")
         if not (0 < self.scale[0] <= self.scale[1]) or not (0 < self.ratio[0] <= self.ratio[1]):
             raise ValueError(f"scale {self.scale} and ratio {self.ratio} must be 0 < lo <= hi")
         _ = self.rand_augment_config  # a bad RandAugment string fails here, not mid-run

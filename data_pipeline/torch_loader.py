@@ -33,7 +33,8 @@ from data_pipeline.sampler import RepeatedAugSampler
 from data_pipeline.workers import ignore_stop_signals
 
 
-def _batch_as_is(batch):
+def batch_as_is(batch: dict) -> dict:
+    """collate_fn for datasets whose `__getitems__` already returns the whole batch."""
     return batch
 
 
@@ -181,7 +182,7 @@ class TorchTrainLoader:
             TrainViews(index, plan, on_bad_image, finish_in_worker=device.type != "cuda"),
             batch_sampler=self._keys,
             num_workers=num_workers,
-            collate_fn=_batch_as_is,
+            collate_fn=batch_as_is,
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             generator=torch.Generator(),  # iterating must not draw from the global RNG
@@ -272,7 +273,7 @@ class TorchValLoader:
             dataset,
             batch_sampler=self._batches,
             num_workers=num_workers,
-            collate_fn=_batch_as_is,
+            collate_fn=batch_as_is,
             pin_memory=device.type == "cuda",
             generator=torch.Generator(),  # iterating must not draw from the global RNG
             worker_init_fn=ignore_stop_signals,

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data_pipeline.dataset import DatasetIndex
-from data_pipeline.plan import AugmentationPlan, PlanParams
+from data_pipeline.plan import AugmentationPlan
 from data_pipeline.teacher_cache import ShardWriter, manifest_header, sha256_file
-from data_pipeline.torch_loader import TrainViews, finish
+from data_pipeline.torch_loader import TrainViews, batch_as_is, finish
 from deit_fast.config import Config, ConfigError
 from deit_fast.run import data_root, plan_params, resolve_device
 from deit_fast.teacher import load_teacher
@@ -33,21 +33,13 @@ def num_views(cfg: Config) -> int:
     return cfg.distill.num_views or cfg.train.epochs * cfg.data.repeats
 
 
-def plan_dict(params: PlanParams) -> dict[str, Any]:
-    return dataclasses.asdict(params)
-
-
 def cache_header(cfg: Config, index: DatasetIndex, teacher_sha256: str) -> dict[str, Any]:
     """The manifest identity of the cache this config asks for."""
     return manifest_header(
         dataset_fingerprint=index.fingerprint, num_samples=len(index), seed=cfg.train.seed,
-        plan=plan_dict(plan_params(cfg)), num_classes=len(index.classes),
+        plan=dataclasses.asdict(plan_params(cfg)), num_classes=len(index.classes),
         teacher=cfg.distill.teacher or "", teacher_checkpoint_sha256=teacher_sha256,
         num_views=num_views(cfg), topk=cfg.distill.topk, shard_size=cfg.distill.shard_size)
-
-
-def _batches_as_is(batch):
-    return batch
 
 
 def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None = None) -> Path:
@@ -75,7 +67,7 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
     batches = [[(s.view, i, 0) for i in range(first, min(first + step, s.first_sample + s.count))]
                for s in todo for first in range(s.first_sample, s.first_sample + s.count, step)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
-                        collate_fn=_batches_as_is, pin_memory=device.type == "cuda")
+                        collate_fn=batch_as_is, pin_memory=device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=sum(s.count for s in todo), unit="view", desc=f"cache-teacher r{rank}",
                disable=not cfg.train.progress, dynamic_ncols=True)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from deit_fast.config import ConfigError, load_config
 
-BENCHMARKS = ("kernels", "step", "data", "distill", "compile")
+# `deit-fast bench NAME` runs benchmarks/SCRIPT
+BENCHMARKS = {"kernels": "kernel_bench.py", "step": "step.py", "data": "data.py",
+              "distill": "distill.py", "compile": "compile.py"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_benchmark(name: str, args: list[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[name]
     if not script.is_file():
         print(f"deit-fast bench {name}: {script} is missing; benchmarks ship with a source "
               "checkout (pip install -e .)", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Every key is checked before any work starts: an unknown key, a wrong type or an
 impossible value raises ConfigError naming the key and what would be accepted.
-The defaults are the DeiT paper's recipe (Touvron et al. 2021, table 9).
+The defaults are the DeiT paper's recipe (Touvron et al. 2021, table 9), declared only here:
+the augmentation plan is built from them (run.plan_params). String keys accept the values
+in CHOICES.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
+from deit_fast.losses import DISTILL_TYPES
+from deit_fast.ops import ATTENTION, GELU, LAYERNORM
 
 
 class ConfigError(ValueError):
@@ -33,15 +39,15 @@ class ModelConfig:
 
 @dataclass
 class KernelsConfig:
-    attention: str = "auto"  # auto | triton | sdpa | eager
-    layernorm: str = "auto"  # auto | triton | torch | apex
-    gelu: str = "auto"  # auto | triton | torch
+    attention: str = "auto"
+    layernorm: str = "auto"
+    gelu: str = "auto"
 
 
 @dataclass
 class DataConfig:
     path: str | None = None  # ImageFolder root with train/ and val/
-    backend: str = "torch"  # torch | dali
+    backend: str = "torch"
     batch_size: int = 128  # per process
     eval_batch_size: int = 256
     num_workers: int = 8
@@ -57,7 +63,7 @@ class DataConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.1
-    on_bad_image: str = "skip"  # skip | error
+    on_bad_image: str = "skip"
 
 
 @dataclass
@@ -75,10 +81,10 @@ class OptimConfig:
 
 @dataclass
 class DistillConfig:
-    type: str = "none"  # none | soft | hard
+    type: str = "none"
     alpha: float = 0.5
     tau: float = 1.0
-    source: str = "online"  # online | cache
+    source: str = "online"
     teacher: str | None = None  # timm model name, or a deit-fast model name
     teacher_checkpoint: str | None = None
     cache_dir: str | None = None  # teacher-logit cache (deit-fast cache-teacher writes it)
@@ -91,8 +97,8 @@ class DistillConfig:
 class TrainConfig:
     epochs: int = 300
     seed: int = 0
-    precision: str = "bf16"  # bf16 | fp16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"
+    device: str = "auto"
     output_dir: str = "runs/deit"
     ema: bool = True
     ema_decay: float = 0.99996
@@ -100,7 +106,7 @@ class TrainConfig:
     eval_interval: int = 1  # epochs
     checkpoint_interval: int = 0  # steps between last.pt writes inside an epoch; 0: epoch ends
     max_steps: int | None = None  # stop (and checkpoint) after this many steps in all
-    compile: str = "none"  # none | default | max-autotune: torch.compile the model (train and eval)
+    compile: str = "none"  # torch.compile the model (train and eval)
     compile_fullgraph: bool = False  # torch.compile(fullgraph=True): a graph break is an error
     cuda_graphs: bool = False  # capture the whole step (forward, backward, AdamW, EMA) on CUDA
     accum_steps: int = 1  # micro-batches per optimizer step; lr scales on the effective batch
@@ -122,13 +128,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The accepted values of each string key; lists a module also checks are imported from it.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "kernels.attention": ("auto", "triton", "sdpa", "eager"),
-    "kernels.layernorm": ("auto", "triton", "torch", "apex"),
-    "kernels.gelu": ("auto", "triton", "torch"),
-    "data.backend": ("torch", "dali"),
-    "data.on_bad_image": ("skip", "error"),
-    "distill.type": ("none", "soft", "hard"),
+    "kernels.attention": ("auto", *ATTENTION),
+    "kernels.layernorm": ("auto", *LAYERNORM),
+    "kernels.gelu": ("auto", *GELU),
+    "data.backend": BACKENDS,
+    "data.on_bad_image": BAD_IMAGE_POLICIES,
+    "distill.type": DISTILL_TYPES,
     "distill.source": ("online", "cache"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+DISTILL_TYPES = ("none", "soft", "hard")  # distill.type
 
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy against a distribution per row (mixup / label smoothing targets)."""
@@ -44,8 +45,8 @@ class DistillationLoss:
 
     def __init__(self, kind: str = "none", alpha: float = 0.5, tau: float = 1.0,
                  teacher: Callable[[Tensor], Tensor] | None = None) -> None:
-        if kind not in ("none", "soft", "hard"):
-            raise ValueError(f"distill.type: {kind!r} is not one of none, soft, hard")
+        if kind not in DISTILL_TYPES:
+            raise ValueError(f"distill.type: {kind!r} is not one of {', '.join(DISTILL_TYPES)}")
         self.kind, self.alpha, self.tau, self.teacher = kind, alpha, tau, teacher
 
     @property

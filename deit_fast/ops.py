@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# each op's implementations; the config also accepts "auto" (see resolve_kernels)
 ATTENTION = ("triton", "sdpa", "eager")
 LAYERNORM = ("triton", "torch", "apex")
 GELU = ("triton", "torch")

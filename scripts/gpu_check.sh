@@ -179,11 +179,11 @@ stage_tests() {
 stage_kernels() {
     if [[ -n $DRY_REASON ]]; then
         NOTE="smoke: tiny shapes under the Triton interpreter"
-        within_stage "$PY" benchmarks/kernels.py --smoke --out "$OUTDIR"
+        within_stage "$PY" benchmarks/kernel_bench.py --smoke --out "$OUTDIR"
         return
     fi
     # Start no new shape in the last 20 s of the stage; rows measured so far are kept.
-    within_stage "$PY" benchmarks/kernels.py --budget-s $((STAGE_END - SECONDS - 20)) \
+    within_stage "$PY" benchmarks/kernel_bench.py --budget-s $((STAGE_END - SECONDS - 20)) \
         --out "$OUTDIR"
     local rc=$?
     NOTE=$(target_counts)

@@ -16,10 +16,8 @@ import torch
 
 from deit_fast import checkpoint
 from deit_fast.config import load_config
-from deit_fast.models import create_model
 from deit_fast.run import train
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import seeded_eval
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,18 +62,6 @@ def main(argv: list[str] | None = None) -> None:
 
             train_module.Trainer.train_step = signalling_step
     print(json.dumps(train(cfg)))
-
-
-def seeded_eval(data: Path, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """A fixed random micro DeiT evaluated on this rank's shard of data/val (batches of 4)."""
-    from data_pipeline import DatasetIndex, build_val_loader
-    from deit_fast.evaluate import evaluate
-
-    torch.manual_seed(0)
-    model = create_model("deit_micro_patch4_32", num_classes=3, depth=1)
-    loader = build_val_loader(DatasetIndex.from_folder(data, split="val"), image_size=32,
-                              batch_size=4, num_workers=0, rank=rank, world_size=world_size)
-    return evaluate(model, loader, torch.device("cpu"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py --smoke runs end to end (tiny shapes, Triton interpreter on CPU)."""
+"""benchmarks/kernel_bench.py --smoke runs end to end (tiny shapes, Triton interpreter on CPU)."""
 
 import csv
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_bench.py"
 
 
 def test_smoke_run_writes_csv_json_and_plot(tmp_path: Path) -> None:

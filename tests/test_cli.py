@@ -6,6 +6,7 @@ import torch
 
 from deit_fast.cli import main
 from deit_fast.models import create_model
+from tests.helpers import write_tiny_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,8 +20,6 @@ def test_unknown_key_stops_before_any_work(capsys, tmp_path):
 
 
 def test_eval_refuses_missing_and_foreign_checkpoints(capsys, tmp_path):
-    from tests.test_train import write_tiny_imagefolder
-
     write_tiny_imagefolder(tmp_path / "data")
     common = ["model.name=deit_micro_patch4_32", f"data.path={tmp_path / 'data'}",
               "data.num_workers=0"]
@@ -33,8 +32,6 @@ def test_eval_refuses_missing_and_foreign_checkpoints(capsys, tmp_path):
 
 
 def test_eval_of_a_checkpoint_reports_accuracy(capsys, tmp_path):
-    from tests.test_train import write_tiny_imagefolder
-
     write_tiny_imagefolder(tmp_path / "data")
     path = tmp_path / "micro.pt"
     torch.save({"model": create_model("deit_micro_patch4_32", num_classes=3).state_dict()}, path)
@@ -51,11 +48,15 @@ def test_module_entry_point_prints_help():
 
 
 def test_data_check_lists_bad_files(capsys, tmp_path):
-    from tests.test_train import write_tiny_imagefolder
-
     write_tiny_imagefolder(tmp_path / "data")
     assert main(["data", "check", "--data-path", str(tmp_path / "data")]) == 0
     (tmp_path / "data" / "train" / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     assert main(["data", "check", "--data-path", str(tmp_path / "data")]) == 1
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.out and "1 problem(s)" in captured.err
+
+
+def test_bench_names_run_their_scripts(capfd):
+    for name in ("kernels", "step", "data", "distill", "compile"):
+        assert main(["bench", name, "--help"]) == 0
+        assert "usage:" in capfd.readouterr().out, name

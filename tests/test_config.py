@@ -3,8 +3,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deit_fast.config import ConfigError, load_config, save_config, to_dict
+from data_pipeline import PlanParams
+from data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
+from deit_fast.config import CHOICES, Config, ConfigError, load_config, save_config, to_dict
 from deit_fast.demo import demo_config
+from deit_fast.losses import DISTILL_TYPES, DistillationLoss
+from deit_fast.ops import ATTENTION, GELU, LAYERNORM, KernelChoice
+from deit_fast.run import plan_params
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -55,6 +60,41 @@ def test_overrides_are_typed():
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_choice_lists_are_the_checking_modules_own():
+    assert CHOICES["data.backend"] is BACKENDS
+    assert CHOICES["data.on_bad_image"] is BAD_IMAGE_POLICIES
+    assert CHOICES["distill.type"] is DISTILL_TYPES
+    for op, impls in (("attention", ATTENTION), ("layernorm", LAYERNORM), ("gelu", GELU)):
+        assert CHOICES[f"kernels.{op}"] == ("auto", *impls)
+        for impl in impls:  # what the config accepts, the kernel choice takes
+            assert getattr(KernelChoice(**{op: impl}), op) == impl
+    for kind in DISTILL_TYPES:
+        assert DistillationLoss(kind).kind == kind
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_listed_choice_loads_and_nothing_else(key):
+    section, name = key.split(".")
+    for value in CHOICES[key]:  # distill.type other than none needs a teacher name
+        cfg = load_config(None, [f"{key}={value}", "distill.teacher=t"])
+        assert getattr(getattr(cfg, section), name) == value
+    with pytest.raises(ConfigError, match=f"{key}: 'nope' is not one of "
+                                          f"{', '.join(CHOICES[key])}"):
+        load_config(None, [f"{key}=nope"])
+
+
+def test_plan_takes_the_recipe_from_the_config():
+    d = Config().data
+    p = plan_params(Config())
+    assert (p.scale, p.ratio, p.hflip, p.rand_augment, p.reprob) == (
+        d.scale, d.ratio, d.hflip, d.rand_augment, d.reprob)
+    p = plan_params(load_config(None, ["data.hflip=0.2", "data.rand_augment=",
+                                       "model.img_size=64"]))
+    assert (p.hflip, p.rand_augment, p.image_size) == (0.2, None, 64)
+    with pytest.raises(TypeError, match="missing"):  # no recipe defaults of its own
+        PlanParams()
 
 
 def test_bad_files_are_named(tmp_path):

@@ -24,6 +24,7 @@ from data_pipeline import (  # noqa: E402
 from data_pipeline.dali_augment import dali_params, rand_augment_ops  # noqa: E402
 from data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E402
 from data_pipeline.plan import RA_OPS  # noqa: E402
+from tests.helpers import recipe_plan  # noqa: E402
 
 SIZE = 64
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
@@ -58,7 +59,7 @@ def _epoch(index, params, backend, epoch=0, **kw):
 @pytest.mark.parametrize("reprob", [0.0, 1.0])
 def test_dali_cpu_and_torch_agree_on_geometry(photo_tree, reprob):
     index = DatasetIndex.from_folder(str(photo_tree))
-    params = PlanParams(image_size=SIZE, rand_augment=None, reprob=reprob)
+    params = recipe_plan(image_size=SIZE, rand_augment=None, reprob=reprob)
     ours, theirs = _epoch(index, params, "dali", epoch=1), _epoch(index, params, "torch", epoch=1)
     assert len(ours) == len(theirs) == 3
     for d, t in zip(ours, theirs):
@@ -108,7 +109,7 @@ def test_dali_rand_augment_ops_match_pil():
 
 def test_dali_rand_augment_and_resume(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    params = PlanParams(image_size=SIZE)
+    params = recipe_plan(image_size=SIZE)
     loader = build_train_loader(index, params, batch_size=4, num_workers=1, backend="dali")
     first = list(loader.epoch(0))
     second = list(loader.epoch(1))  # the running pipeline continues into the next epoch
@@ -150,7 +151,7 @@ def bad_tree(tmp_path):
 
 def test_dali_replaces_bad_files_like_torch(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
-    params = PlanParams(image_size=32, rand_augment=None)
+    params = recipe_plan(image_size=32, rand_augment=None)
     shown, counts = {}, {}
     for backend in ("dali", "torch"):
         loader = build_train_loader(index, params, batch_size=6, num_workers=1, backend=backend)
@@ -176,7 +177,7 @@ def test_dali_error_policy_names_the_file(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
     loader = build_train_loader(
         index,
-        PlanParams(image_size=32),
+        recipe_plan(image_size=32),
         batch_size=6,
         num_workers=1,
         backend="dali",
@@ -191,7 +192,7 @@ def test_dali_error_policy_names_the_file(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
     loader = build_train_loader(
         index,
-        PlanParams(image_size=32),
+        recipe_plan(image_size=32),
         batch_size=5,
         num_workers=1,
         backend="dali",
@@ -222,4 +223,4 @@ def test_dali_val_matches_torch_and_drops_bad_files(bad_tree):
         images[backend] = torch.cat([x for x, _ in collected])
         labels[backend] = torch.cat([y for _, y in collected])
     assert torch.equal(labels["dali"], labels["torch"]) and len(labels["dali"]) == len(index) - 3
-    assert (psnr(images["dali"], images["torch"], PlanParams()) >= 30).all()
+    assert (psnr(images["dali"], images["torch"], recipe_plan()) >= 30).all()

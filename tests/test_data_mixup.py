@@ -58,13 +58,18 @@ def test_cutmix_box_area_sets_lambda():
             torch.testing.assert_close(targets[i], expected)
 
 
-def test_targets_agree_with_timm_for_the_flip_permutation():
+def test_mix_agrees_with_timm_for_the_flip_permutation(monkeypatch):
+    """timm's batch mode mixes each sample with the batch flipped: forced to draw that
+    permutation, `Mixup.__call__` gives timm's targets and the hand-mixed images."""
     labels = torch.tensor([3, 1, 4, 1, 0, 2, 2, 4])
-    mixup = Mixup(label_smoothing=0.1, num_classes=C)
-    one_hot = mixup.smooth_one_hot(labels)
-    lam = 0.3
-    ours = torch.lerp(one_hot.flip(0), one_hot, lam)  # what __call__ does, with timm's flip
-    torch.testing.assert_close(ours, mixup_target(labels, C, lam=lam, smoothing=0.1))
+    images, extra = torch.randn(B, 3, S, S), torch.softmax(torch.randn(B, C), 1)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=C)
+    lam, flip = 0.3, np.arange(B)[::-1].copy()
+    monkeypatch.setattr(mixup, "draw", lambda key, height, width, batch: (lam, None, flip))
+    mixed, targets, mixed_extra = mixup(images, labels, key=(0, 0), extra=extra)
+    torch.testing.assert_close(targets, mixup_target(labels, C, lam=lam, smoothing=0.1))
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    torch.testing.assert_close(mixed_extra, lam * extra + (1 - lam) * extra.flip(0))
 
 
 def test_off_gives_smoothed_one_hot_only():

@@ -10,7 +10,8 @@ import torch
 from scipy import stats
 from torchvision.transforms import RandomResizedCrop
 
-from data_pipeline.plan import RA_OPS, AugmentationPlan, PlanParams, RandAugmentConfig
+from data_pipeline.plan import RA_OPS, AugmentationPlan, RandAugmentConfig
+from tests.helpers import recipe_plan
 
 
 def _fields(d):
@@ -18,7 +19,7 @@ def _fields(d):
 
 
 def test_same_key_same_decisions_whatever_the_batch():
-    plan = AugmentationPlan(PlanParams(), seed=3)
+    plan = AugmentationPlan(recipe_plan(), seed=3)
     n = 64
     views, samples = np.arange(n) % 5, np.arange(n) * 7
     heights, widths = 100 + np.arange(n), 300 - np.arange(n)
@@ -30,19 +31,19 @@ def test_same_key_same_decisions_whatever_the_batch():
     one = _fields(plan.draw(views[5:6], samples[5:6], heights[5:6], widths[5:6]))
     for name, value in whole.items():
         np.testing.assert_array_equal(value[5:6], one[name], err_msg=name)
-    other_seed = AugmentationPlan(PlanParams(), seed=4).draw(views, samples, heights, widths)
+    other_seed = AugmentationPlan(recipe_plan(), seed=4).draw(views, samples, heights, widths)
     assert not np.array_equal(other_seed.crop, whole["crop"])
 
 
 def test_same_decisions_in_another_process():
     code = (
-        "from data_pipeline.plan import AugmentationPlan, PlanParams;"
-        "d = AugmentationPlan(PlanParams(), 11).draw([2, 9], [5, 1234567], [375, 80], [500, 60]);"
+        "from data_pipeline.plan import AugmentationPlan; from tests.helpers import recipe_plan;"
+        "d = AugmentationPlan(recipe_plan(), 11).draw([2, 9], [5, 1234567], [375, 80], [500, 60]);"
         "print(d.crop.tolist(), d.flip.tolist(), d.ra_op.tolist(), d.ra_param.tolist(),"
         " d.erase.tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    d = AugmentationPlan(PlanParams(), 11).draw([2, 9], [5, 1234567], [375, 80], [500, 60])
+    d = AugmentationPlan(recipe_plan(), 11).draw([2, 9], [5, 1234567], [375, 80], [500, 60])
     here = [
         d.crop.tolist(),
         d.flip.tolist(),
@@ -56,7 +57,7 @@ def test_same_decisions_in_another_process():
 @pytest.mark.parametrize("height,width", [(375, 500), (40, 400), (33, 21)])
 def test_crops_inside_and_distributed_like_torchvision(height, width):
     n = 4000
-    plan = AugmentationPlan(PlanParams(), seed=0)
+    plan = AugmentationPlan(recipe_plan(), seed=0)
     crop = plan.draw(np.zeros(n, np.int64), np.arange(n), height, width).crop
     top, left, h, w = crop.T
     assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
@@ -77,7 +78,7 @@ def test_crops_inside_and_distributed_like_torchvision(height, width):
 
 def test_centre_crop_fallback_matches_torchvision():
     # a 10x1000 strip makes every attempt fail; torchvision then takes the centred crop
-    plan = AugmentationPlan(PlanParams(), seed=0)
+    plan = AugmentationPlan(recipe_plan(), seed=0)
     crop = plan.draw(np.zeros(50, np.int64), np.arange(50), 10, 1000).crop
     expected = RandomResizedCrop.get_params(torch.empty(1, 10, 1000), [0.08, 1.0], [3 / 4, 4 / 3])
     assert (crop == np.array(expected)).all(1).mean() > 0.9
@@ -85,7 +86,7 @@ def test_centre_crop_fallback_matches_torchvision():
 
 def test_flip_rand_augment_and_erasing_rates():
     n = 20000
-    params = PlanParams(image_size=224)
+    params = recipe_plan(image_size=224)
     d = AugmentationPlan(params, seed=1).draw(np.ones(n, np.int64), np.arange(n), 375, 500)
     assert abs(d.flip.mean() - 0.5) < 0.02
     assert d.ra_op.shape == (n, 2)
@@ -106,7 +107,7 @@ def test_flip_rand_augment_and_erasing_rates():
 
 
 def test_erase_noise_is_keyed_and_standard_normal():
-    plan = AugmentationPlan(PlanParams(), seed=0)
+    plan = AugmentationPlan(recipe_plan(), seed=0)
     a, b = plan.erase_noise(3, 7, 50, 60), plan.erase_noise(3, 7, 50, 60)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (3, 50, 60) and a.dtype == np.float32
@@ -115,20 +116,20 @@ def test_erase_noise_is_keyed_and_standard_normal():
 
 
 def test_rand_augment_off_and_parsing():
-    d = AugmentationPlan(PlanParams(rand_augment=None), 0).draw([0], [0], 10, 10)
+    d = AugmentationPlan(recipe_plan(rand_augment=None), 0).draw([0], [0], 10, 10)
     assert d.ra_op.shape == (1, 0)
     cfg = RandAugmentConfig.parse("rand-m7-n3-mstd0-inc0")
     assert (cfg.magnitude, cfg.num_layers, cfg.magnitude_std, cfg.increasing) == (7, 3, 0, False)
     with pytest.raises(ValueError, match="'x5'.*accepted keys"):
-        PlanParams(rand_augment="rand-m9-x5")
+        recipe_plan(rand_augment="rand-m9-x5")
     with pytest.raises(ValueError, match="must start with 'rand-'"):
-        PlanParams(rand_augment="auto-m9")
+        recipe_plan(rand_augment="auto-m9")
     with pytest.raises(ValueError, match="remode 'zeros'"):
-        PlanParams(remode="zeros")
+        recipe_plan(remode="zeros")
 
 
 def test_enhance_factor_follows_timm_increasing_mapping():
-    plan = AugmentationPlan(PlanParams(rand_augment="rand-m10-mstd0-p1"), 0)
+    plan = AugmentationPlan(recipe_plan(rand_augment="rand-m10-mstd0-p1"), 0)
     d = plan.draw(np.zeros(2000, np.int64), np.arange(2000), 64, 64)
     brightness = d.ra_param[d.ra_op == RA_OPS.index("brightness")]
     np.testing.assert_allclose(np.unique(brightness), [0.1, 1.9], atol=1e-6)

@@ -14,11 +14,11 @@ from data_pipeline import (
     AugmentationPlan,
     BadImageError,
     DatasetIndex,
-    PlanParams,
     build_train_loader,
     build_val_loader,
 )
 from data_pipeline.torch_loader import TrainViews, erase, finish
+from tests.helpers import recipe_plan
 
 SIZE = 48
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "hubble_deep_field")
@@ -54,7 +54,7 @@ def _by_key(batches):
 
 def test_same_images_for_any_workers_and_batch_size(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    params = PlanParams(image_size=SIZE)
+    params = recipe_plan(image_size=SIZE)
     a = _collect(build_train_loader(index, params, batch_size=4, num_workers=0), epoch=2)
     b = _collect(build_train_loader(index, params, batch_size=2, num_workers=2), epoch=2)
     ka, kb = _by_key(a), _by_key(b)
@@ -69,7 +69,7 @@ def test_same_images_for_any_workers_and_batch_size(photo_tree):
 
 def test_resume_mid_epoch_is_exact(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    loader = build_train_loader(index, PlanParams(image_size=SIZE), batch_size=3, num_workers=0)
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=3, num_workers=0)
     full = _collect(loader, epoch=1)
     resumed = _collect(loader, epoch=1, start_step=2)
     assert len(full) == loader.steps_per_epoch and len(resumed) == len(full) - 2
@@ -80,7 +80,7 @@ def test_resume_mid_epoch_is_exact(photo_tree):
 
 def test_images_follow_the_plan(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    params = PlanParams(image_size=SIZE, rand_augment=None, reprob=1.0)
+    params = recipe_plan(image_size=SIZE, rand_augment=None, reprob=1.0)
     batch = _collect(build_train_loader(index, params, batch_size=4, num_workers=0), epoch=0)[0]
     plan = AugmentationPlan(params, seed=0)
     mean = torch.tensor(params.mean).view(3, 1, 1)
@@ -103,8 +103,8 @@ def test_images_follow_the_plan(photo_tree):
 
 def test_rand_augment_changes_images_deterministically(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    on = PlanParams(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1-p1", reprob=0)
-    off = PlanParams(image_size=SIZE, rand_augment=None, reprob=0)
+    on = recipe_plan(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1-p1", reprob=0)
+    off = recipe_plan(image_size=SIZE, rand_augment=None, reprob=0)
     a = _collect(build_train_loader(index, on, batch_size=4, num_workers=0), epoch=0)[0]
     b = _collect(build_train_loader(index, off, batch_size=4, num_workers=0), epoch=0)[0]
     again = _collect(build_train_loader(index, on, batch_size=4, num_workers=0), epoch=0)[0]
@@ -142,7 +142,7 @@ BAD = ("truncated.jpg", "corrupt.jpg", "text.jpg")
 def test_bad_files_are_replaced_counted_and_named(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
     bad_ids = {i for i, p in enumerate(index.paths) if p.endswith(BAD)}
-    loader = build_train_loader(index, PlanParams(image_size=SIZE), batch_size=6, num_workers=0)
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=6, num_workers=0)
     with pytest.warns(UserWarning) as caught:
         batches = _collect(loader, epoch=0) + _collect(loader, epoch=1) + _collect(loader, epoch=2)
     shown = {int(s) for b in batches for s in b.samples}
@@ -164,7 +164,7 @@ def test_bad_files_are_replaced_counted_and_named(bad_tree):
 def test_bad_file_with_error_policy_raises_naming_it(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
     loader = build_train_loader(
-        index, PlanParams(image_size=SIZE), batch_size=18, num_workers=0, on_bad_image="error"
+        index, recipe_plan(image_size=SIZE), batch_size=18, num_workers=0, on_bad_image="error"
     )
     with pytest.raises(
         BadImageError, match=r"cannot decode image .*/a/(truncated|corrupt|text)\.jpg"
@@ -175,9 +175,9 @@ def test_bad_file_with_error_policy_raises_naming_it(bad_tree):
 def test_unknown_backend_or_policy_is_refused(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
     with pytest.raises(ValueError, match=r"data backend 'tf': accepted \('torch', 'dali'\)"):
-        build_train_loader(index, PlanParams(), batch_size=2, backend="tf")
+        build_train_loader(index, recipe_plan(), batch_size=2, backend="tf")
     with pytest.raises(ValueError, match="on_bad_image 'ignore'"):
-        build_train_loader(index, PlanParams(), batch_size=2, on_bad_image="ignore")
+        build_train_loader(index, recipe_plan(), batch_size=2, on_bad_image="ignore")
 
 
 def test_val_every_sample_once_over_ranks(photo_tree):
@@ -232,7 +232,7 @@ def test_worker_and_main_process_finish_alike(photo_tree):
     """A GPU run normalizes and erases in the main process, a CPU run in the workers: the
     same images either way (here both on the CPU)."""
     index = DatasetIndex.from_folder(str(photo_tree))
-    params = PlanParams(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
+    params = recipe_plan(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
     plan = AugmentationPlan(params, seed=int(np.random.default_rng().integers(1000)))
     keys = [(view, sample, 0) for view in (0, 1) for sample in range(len(index))]
     raw = TrainViews(index, plan, "skip").__getitems__(keys)
@@ -247,7 +247,7 @@ def test_worker_and_main_process_finish_alike(photo_tree):
 def test_finish_on_the_gpu_matches_the_cpu(photo_tree):
     """The GPU path: pinned uint8 batch, non-blocking copies, normalize and erase on the GPU."""
     index = DatasetIndex.from_folder(str(photo_tree))
-    params = PlanParams(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
+    params = recipe_plan(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
     plan = AugmentationPlan(params, seed=int(np.random.default_rng().integers(1000)))
     raw = TrainViews(index, plan, "skip").__getitems__([(1, s, 0) for s in range(len(index))])
     pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in raw.items()}

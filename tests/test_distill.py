@@ -12,7 +12,7 @@ from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.run import train
 from deit_fast.train import Trainer
-from tests.test_teacher_cache import teacher_setup
+from tests.helpers import teacher_setup
 
 B, C = 6, 5
 

@@ -3,31 +3,22 @@ evaluation counts every sample once, a stop signal on one rank stops both, and a
 two ranks resumes on one."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from deit_fast import checkpoint
 from deit_fast.run import train
-from tests.fault_driver import ROOT, seeded_eval
-from tests.test_faults import assert_same_run, overrides
-from tests.test_train import tiny_config, write_tiny_imagefolder
-
-# deterministic data: no mixup (keyed per rank batch) and no drop path (per-rank RNG)
-EXACT_DATA = ("data.mixup=0.0", "data.cutmix=0.0", "model.drop_path=0.0", "train.epochs=2",
-              "optim.lr=0.05", "optim.warmup_epochs=0")  # a large lr: a wrong scaling shows
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "tests.fault_driver", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+from tests.helpers import (
+    EXACT_DATA,
+    assert_same_run,
+    overrides,
+    seeded_eval,
+    tiny_config,
+    torchrun,
+    write_tiny_imagefolder,
+)
 
 
 @pytest.fixture(scope="module")

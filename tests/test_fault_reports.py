@@ -22,8 +22,7 @@ from deit_fast.distributed import StopRequest
 from deit_fast.metrics import plot_curves, read_metrics
 from deit_fast.models import CheckpointMismatch, create_model, load_checkpoint
 from deit_fast.run import cached_views, train
-from tests.test_faults import overrides, tensor_trainer
-from tests.test_train import tiny_config, write_tiny_imagefolder
+from tests.helpers import overrides, tensor_trainer, tiny_config, write_tiny_imagefolder
 
 
 @pytest.fixture(scope="module")

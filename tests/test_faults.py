@@ -16,40 +16,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import Mixup
 from deit_fast import checkpoint
-from deit_fast.config import load_config, to_dict
-from deit_fast.losses import DistillationLoss
-from deit_fast.models import create_model
 from deit_fast.run import train
-from deit_fast.train import BadStepsError, Trainer
-from tests.fault_driver import ROOT
-from tests.test_train import TensorLoader, tiny_config, write_tiny_imagefolder
+from deit_fast.train import BadStepsError
+from tests.helpers import (
+    FAULT_ARGS,
+    ROOT,
+    TensorLoader,
+    assert_same_run,
+    overrides,
+    tensor_trainer,
+    tiny_config,
+    write_tiny_imagefolder,
+)
 
 
 def run_driver(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "tests.fault_driver", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-# --------------------------------------------------------------------------- helpers
-def assert_same_run(a_dir: Path, b_dir: Path, atol: float = 0.0) -> None:
-    """Same position and state; atol 0 means bit for bit."""
-    a = checkpoint.load(a_dir / "checkpoints" / "last.pt")
-    b = checkpoint.load(b_dir / "checkpoints" / "last.pt")
-    assert (a["epoch"], a["global_step"], a["item_in_epoch"]) == \
-        (b["epoch"], b["global_step"], b["item_in_epoch"])
-    tol = {"rtol": 0, "atol": atol}
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], **tol, msg=key)
-        torch.testing.assert_close(a["ema"][key], b["ema"][key], **tol, msg=f"ema {key}")
-    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        torch.testing.assert_close(x["exp_avg_sq"], y["exp_avg_sq"], **tol)
-        assert torch.equal(x["step"], y["step"])
-
-
-FAULT_ARGS = ("train.checkpoint_interval=2", "train.log_interval=1", "train.epochs=2")
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +49,6 @@ def straight(data):
     out = data.parent / "straight"
     train(tiny_config(data, out, *FAULT_ARGS, "train.max_steps=5"))
     return out
-
-
-def overrides(data: Path, out: Path, *extra: str) -> list[str]:
-    """tiny_config's settings as command-line overrides (JSON values read as YAML)."""
-    cfg = to_dict(tiny_config(data, out, *FAULT_ARGS, *extra))
-    return [f"{section}.{key}={json.dumps(value)}" for section, values in cfg.items()
-            for key, value in values.items()]
 
 
 # --------------------------------------------------------------------------- kill and stop
@@ -105,32 +83,6 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_identical(data, straight):
 
 
 # --------------------------------------------------------------------------- NaN losses
-class PoisonedLoss:
-    """Cross-entropy, NaN on the calls listed in `bad` (0-based)."""
-
-    def __init__(self, bad):
-        self.bad, self.calls, self.loss = set(bad), 0, DistillationLoss()
-
-    def __call__(self, *args):
-        loss = self.loss(*args)
-        self.calls += 1
-        return loss * float("nan") if self.calls - 1 in self.bad else loss
-
-
-def tensor_trainer(tmp_path, bad, *extra, precision="fp32"):
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.name=deit_micro_patch4_32", "train.epochs=1",
-                             f"train.precision={precision}", "train.log_interval=1",
-                             "train.progress=false", "data.batch_size=4", "train.ema_decay=0.5",
-                             f"train.output_dir={tmp_path}", *extra])
-    labels = torch.arange(24) % 3
-    model = create_model(cfg.model.name, num_classes=3, depth=1)
-    mix = Mixup(mixup_alpha=0.0, cutmix_alpha=0.0, num_classes=3)
-    loader = TensorLoader(torch.randn(24, 3, 32, 32), labels, 4)
-    return Trainer(cfg, model, loader, None, PoisonedLoss(bad), mix, torch.device("cpu"),
-                   tmp_path)
-
-
 def snapshot(trainer):
     return ({k: v.clone() for k, v in trainer.model.state_dict().items()},
             {k: v.clone() for k, v in trainer.ema.state_dict().items()},

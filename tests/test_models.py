@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -120,6 +121,53 @@ def test_drop_path_is_identity_in_eval_and_random_in_training():
         torch.testing.assert_close(model(images), model(images))
         model.train()
         assert not torch.allclose(model(images), model(images))
+
+
+def _kept(out: torch.Tensor, x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Which samples drop path kept; each sample is either zeroed or scaled by 1 / keep."""
+    kept = (out != 0).flatten(1).any(1)
+    torch.testing.assert_close(out[kept], x[kept] / (1 - rate))
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
+    return kept
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.7])
+def test_drop_path_keeps_one_minus_rate_and_rescales_as_timm(rate):
+    """Our drop_path and timm's DropPath (scale_by_keep) both keep a sample with probability
+    1 - rate and scale it by 1 / (1 - rate); 4.5 binomial standard deviations of slack."""
+    from timm.layers import DropPath
+
+    from deit_fast.models.deit import drop_path
+
+    n = 20000
+    x = torch.rand(n, 5, 3) + 0.5  # no exact zeros: a zero row means dropped
+    tolerance = 4.5 * math.sqrt(rate * (1 - rate) / n)
+    torch.manual_seed(0)
+    ours = _kept(drop_path(x, rate, training=True), x, rate).float().mean().item()
+    timm_drop = DropPath(rate, scale_by_keep=True).train()
+    theirs = _kept(timm_drop(x), x, rate).float().mean().item()
+    assert abs(ours - (1 - rate)) < tolerance and abs(theirs - (1 - rate)) < tolerance
+    assert torch.equal(drop_path(x, rate, training=False), x)
+
+
+def test_drop_path_rates_rise_linearly_with_depth_as_in_timm():
+    """Block i drops each branch at timm's rate i / (depth - 1) * drop_path_rate, measured:
+    the fraction of samples whose attention branch left the residual stream as it was, and
+    whose MLP branch (the pending residual) comes out zero."""
+    from timm.layers import calculate_drop_path_rates
+
+    model = create_model("deit_micro_patch4_32", drop_path_rate=0.6).train()
+    expected = calculate_drop_path_rates(0.6, len(model.blocks))
+    assert expected[0] == 0 and expected[-1] == pytest.approx(0.6)
+    n = 6000
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, model.blocks[0].norm1.weight.shape[0])
+    with torch.no_grad():
+        for block, rate in zip(model.blocks, expected):
+            stream, pending = block(x, None)
+            tolerance = 4.5 * math.sqrt(rate * (1 - rate) / n) + 1e-9
+            for dropped in ((stream == x).flatten(1).all(1), (pending == 0).flatten(1).all(1)):
+                assert abs(dropped.float().mean().item() - rate) < tolerance, (block, rate)
 
 
 def test_kernel_resolution():

@@ -344,9 +344,7 @@ def test_accumulation_under_ddp_equals_one_process(tmp_path):
     make the same two updates as one process with batch 8."""
     from deit_fast import checkpoint
     from deit_fast.run import train
-    from tests.test_distributed import EXACT_DATA, torchrun
-    from tests.test_faults import overrides
-    from tests.test_train import tiny_config, write_tiny_imagefolder
+    from tests.helpers import EXACT_DATA, overrides, tiny_config, torchrun, write_tiny_imagefolder
 
     data = tmp_path / "data"
     write_tiny_imagefolder(data, classes=2, per_class=16)  # 32 images: 4 updates of 8 an epoch

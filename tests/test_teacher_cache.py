@@ -19,7 +19,7 @@ from data_pipeline.teacher_cache import (
 from deit_fast.cache_teacher import cache_teacher
 from deit_fast.config import ConfigError, load_config
 from deit_fast.run import build_teacher_targets, plan_params
-from tests.test_train import write_tiny_imagefolder
+from tests.helpers import write_tiny_imagefolder
 
 TEACHER = "test_efficientnet"  # timm's ~100k-parameter test convnet: cheap on the CPU
 

@@ -1,12 +1,9 @@
 import json
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from data_pipeline import Mixup
 from deit_fast import checkpoint
@@ -18,6 +15,7 @@ from deit_fast.models import create_model
 from deit_fast.optim import CosineSchedule, param_groups
 from deit_fast.run import train
 from deit_fast.train import Trainer
+from tests.helpers import TensorLoader, tiny_config, write_tiny_imagefolder
 
 
 def test_schedule_at_known_steps():
@@ -59,20 +57,6 @@ def test_ema_update_is_the_moving_average():
         model.weight.add_(1.0)
     ema.update()
     torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * model.weight)
-
-
-class TensorLoader:
-    """The loader seam with in-memory data: fixed batches, the same each epoch."""
-
-    def __init__(self, images, labels, batch_size):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.steps_per_epoch = len(images) // batch_size
-        self.bad_files = set()
-
-    def epoch(self, epoch, start_step=0, start_item=None):
-        for step in range(start_step, self.steps_per_epoch):
-            part = slice(step * self.batch_size, (step + 1) * self.batch_size)
-            yield SimpleNamespace(images=self.images[part], labels=self.labels[part])
 
 
 def test_a_few_steps_reduce_the_loss(tmp_path):
@@ -118,27 +102,6 @@ def test_each_rank_draws_its_own_mixup(tmp_path):
     (key0, (lam0, _, perm0)), (key1, (lam1, _, perm1)) = drawn[0], drawn[1]
     assert key0[:-1] == key1[:-1] and key0 != key1
     assert lam0 != lam1 and not np.array_equal(perm0, perm1)
-
-
-def write_tiny_imagefolder(root: Path, classes: int = 3, per_class: int = 10, size: int = 40):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("val", 4)):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-                pixels[..., c] = 255  # a learnable colour cue per class
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
-
-
-def tiny_config(data: Path, out: Path, *extra: str):
-    return load_config(None, [
-        "model.name=deit_micro_patch4_32", "model.drop_path=0.1", f"data.path={data}",
-        "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0", "data.repeats=2",
-        "data.rand_augment=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0",
-        "train.epochs=3", "train.precision=fp32", "train.device=cpu", "train.ema_decay=0.9",
-        "train.log_interval=2", "train.progress=false", f"train.output_dir={out}", *extra])
 
 
 def params_of(state):

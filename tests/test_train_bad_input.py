@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import BadImageError
+from data_pipeline import BadImageError, DatasetIndex, RepeatedAugSampler
+from data_pipeline.plan import replacement_sample
 from deit_fast.run import train
-from tests.test_train import tiny_config, write_tiny_imagefolder
+from tests.helpers import tiny_config, write_tiny_imagefolder
 
 
 def add_awkward_files(root):
@@ -27,14 +28,41 @@ def add_awkward_files(root):
     (folder / "notes.txt").write_text("not an image, and not listed")
 
 
+def unreadable_reads(cfg, index: DatasetIndex, unreadable: set[int]) -> int:
+    """How many reads fail over the run: each time the sampler shows an unreadable sample,
+    and each unreadable replacement tried for it (plan.replacement_sample's chain)."""
+    sampler = RepeatedAugSampler(len(index), cfg.data.batch_size, cfg.data.repeats,
+                                 seed=cfg.train.seed)
+    failed = 0
+    for epoch in range(cfg.train.epochs):
+        first = sampler.start_item()
+        for step in range(sampler.steps_per_epoch):
+            samples, repeats = sampler.batch_at(epoch, first + step * sampler.items_per_step)
+            for sample, repeat in zip(samples.tolist(), repeats.tolist()):
+                view, shown, attempt = epoch * cfg.data.repeats + repeat, sample, 0
+                while shown in unreadable:
+                    failed += 1
+                    shown = replacement_sample(cfg.train.seed, view, sample, attempt, len(index))
+                    attempt += 1
+    return failed
+
+
 def test_bad_images_are_skipped_and_counted(tmp_path):
     write_tiny_imagefolder(tmp_path / "data")
     add_awkward_files(tmp_path / "data")
     out = tmp_path / "run"
+    # 36 files, batch 6, 2 repeats: the 2 epochs are one cycle that shows each file twice
+    cfg = tiny_config(tmp_path / "data", out, "train.epochs=2", "train.log_interval=1",
+                      "data.batch_size=6")
+    index = DatasetIndex.from_folder(str(tmp_path / "data"), "train")
+    folder = tmp_path / "data" / "train" / "class_0"
+    unreadable = {index.paths.index(str(folder / name))
+                  for name in ("corrupt.jpg", "truncated.jpg")}
+    expected = unreadable_reads(cfg, index, unreadable)
+    assert expected >= 2 * len(unreadable)
     with pytest.warns(UserWarning, match=r"(corrupt|truncated)\.jpg"):
-        summary = train(tiny_config(tmp_path / "data", out, "train.epochs=2",
-                                    "train.log_interval=1"))
-    assert summary["bad_images"] >= 1
+        summary = train(cfg)
+    assert summary["bad_images"] == expected
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(np.isfinite(losses))

@@ -104,7 +104,6 @@ class DeiT(nn.Module):
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self.head_dist = nn.Linear(embed_dim, num_classes) if distilled else None
-        self.kernels = ops.KernelChoice()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,7 +121,6 @@ class DeiT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def set_kernels(self, choice: ops.KernelChoice) -> None:
-        self.kernels = choice
         for m in self.modules():
             if isinstance(m, LayerNorm):
                 m.impl = choice.layernorm

@@ -7,7 +7,7 @@ measured in the same run: a large device copy for GB/s, a large bf16 matmul for 
 Writes kernels_<device>.csv, a .json sidecar (device, versions, date, command, peaks,
 targets) and a .png plot to --out, and prints the table last.
 
-    python benchmarks/kernels.py [--smoke] [--out DIR]      (or: deit-fast bench kernels)
+    python benchmarks/kernel_bench.py [--smoke] [--out DIR]      (or: deit-fast bench kernels)
 
 --smoke runs tiny shapes on the CPU under the Triton interpreter: its numbers mean
 nothing, it keeps the script working in CI.
@@ -36,11 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Run as a script, this folder heads sys.path and this file would shadow the kernels
-# package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path[0] = str(_HERE.parent)
+sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
 
@@ -296,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
 
-    on_cuda = cuda_or_smoke("kernels.py", args.smoke, "tiny shapes")
+    on_cuda = cuda_or_smoke("kernel_bench.py", args.smoke, "tiny shapes")
     if on_cuda is None:
         return 2
     import kernels
@@ -304,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if on_cuda else "cpu")
     runnable, why = kernels.triton_runnable(device)
     if not runnable:
-        print(f"benchmarks/kernels.py: Triton cannot run here: {why}", file=sys.stderr)
+        print(f"benchmarks/kernel_bench.py: Triton cannot run here: {why}", file=sys.stderr)
         return 2
     cfg = Settings(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32,
                    warmup=1 if args.smoke else 5, reps=2 if args.smoke else 30,
@@ -326,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = _measure(cfg, _shapes(args.smoke), peaks, append, deadline)
     targets = [] if args.smoke else _targets(rows)
     meta = {
-        **run_meta(name, "kernels.py", argv),
+        **run_meta(name, "kernel_bench.py", argv),
         "dtype": str(cfg.dtype), "compile_backend": cfg.compile_backend,
         "warmup": cfg.warmup, "reps": cfg.reps,
         "peak_copy_gbps": round(peaks["copy_gbps"], 1),
