@@ -4,7 +4,9 @@ Workers receive whole batches of keys (`__getitems__`), so the plan is drawn vec
 once per batch; every random value comes from the keys, so the output is identical for
 any number of workers. Unreadable files are replaced deterministically (see
 plan.replacement_sample) and reported back with the batch, so the main process can count
-and name them whatever worker met them.
+and name them whatever worker met them. With a teacher cache, the workers also read the
+teacher's top-k for each (view, requested sample) from its memory-mapped shards, and the
+batch carries it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from data_pipeline.dataset import (
 from data_pipeline.pil_augment import augment_pil
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.teacher_cache import TeacherCache
 
 
 def _batch_as_is(batch):
@@ -84,9 +87,11 @@ class TrainViews(Dataset):
         plan: AugmentationPlan,
         on_bad_image: str,
         finish_in_worker: bool = False,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.paths, self.labels = index.paths, index.labels
         self.plan, self.on_bad_image, self.finish_in_worker = plan, on_bad_image, finish_in_worker
+        self.teacher_cache = teacher_cache
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,6 +108,7 @@ class TrainViews(Dataset):
     def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict:
         bad: list[str] = []
         views = np.array([k[0] for k in keys], np.int64)
+        requested = np.array([k[1] for k in keys], np.int64)
         images, samples = zip(*(self._read(v, s, bad) for v, s, _ in keys))
         samples = np.array(samples, np.int64)
         widths, heights = zip(*(img.size for img in images))
@@ -128,6 +134,10 @@ class TrainViews(Dataset):
             "views": torch.from_numpy(views),
             "bad": bad,
         }
+        if self.teacher_cache is not None:  # keyed by the requested sample, as cached
+            batch["teacher_values"], batch["teacher_indices"] = self.teacher_cache.topk(
+                views, requested
+            )
         if self.finish_in_worker:
             batch["images"] = finish(batch, torch.device("cpu"), p.mean, p.std)
         return batch
@@ -159,13 +169,16 @@ class TorchTrainLoader:
         on_bad_image: str,
         num_views: int | None,
         batch_type: type,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.plan, self.sampler, self.device = plan, sampler, device
         self.on_bad_image, self.num_views, self.batch_type = on_bad_image, num_views, batch_type
         self.bad_images = 0
         self._keys = _EpochKeys()
+        views = TrainViews(index, plan, on_bad_image, device.type != "cuda", teacher_cache)
+        self._teacher_fields = ("teacher_values", "teacher_indices") if teacher_cache else ()
         self._loader = DataLoader(
-            TrainViews(index, plan, on_bad_image, finish_in_worker=device.type != "cuda"),
+            views,
             batch_sampler=self._keys,
             num_workers=num_workers,
             collate_fn=_batch_as_is,
@@ -179,12 +192,9 @@ class TorchTrainLoader:
         return self.sampler.steps_per_epoch
 
     def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
-        r = self.sampler.repeats
         self._keys.batches = []
         for samples, repeats in self.sampler.batches(epoch, start_step, start_item):
-            views = epoch * r + repeats
-            if self.num_views:
-                views %= self.num_views
+            views = self.sampler.views(epoch, repeats, self.num_views)
             self._keys.batches.append(list(zip(views.tolist(), samples.tolist(), repeats.tolist())))
         for out in self._loader:
             self.bad_images += warn_skipped(out["bad"])
@@ -193,7 +203,7 @@ class TorchTrainLoader:
                 images=finish(out, self.device, p.mean, p.std),
                 **{
                     k: out[k].to(self.device, non_blocking=True)
-                    for k in ("labels", "samples", "repeats", "views")
+                    for k in ("labels", "samples", "repeats", "views", *self._teacher_fields)
                 },
             )
 

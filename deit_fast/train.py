@@ -28,6 +28,7 @@ from deit_fast.ema import ModelEma
 from deit_fast.evaluate import evaluate
 from deit_fast.metrics import MetricsLog, plot_curves
 from deit_fast.optim import CosineSchedule, build_optimizer, scaled_lr
+from deit_fast.teacher import TeacherTargets
 
 PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,8 +42,6 @@ class TrainLoader(Protocol):
 
 
 Mix = Callable[..., tuple[Tensor, Tensor, Tensor | None]]
-# Per-sample teacher targets for a batch (e.g. looked up in a teacher cache), or None.
-TeacherTargets = Callable[[Any], Tensor]
 
 
 class BadStepsError(RuntimeError):
@@ -172,14 +171,16 @@ class Trainer:
         lr = self.schedule(self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        teacher = self.teacher_targets(batch) if self.teacher_targets else None
-        # Labels and teacher targets are mixed with the same lambda and permutation; each
-        # rank draws its own, as timm's per-process Mixup does.
+        teacher = self.teacher_targets.from_batch(batch) if self.teacher_targets else None
+        # Labels and cached teacher targets are mixed with the same lambda and permutation;
+        # each rank draws its own, as timm's per-process Mixup does.
         key = (self.epoch, self.step_in_epoch, self.dist.rank)
         images, targets, teacher = self.mix(batch.images, batch.labels, key=key, extra=teacher)
         with self.autocast():
             outputs = self.forward(images)
-            loss = self.criterion(images, outputs, targets, teacher)
+            if self.teacher_targets:  # online: the teacher sees the mixed images
+                teacher = self.teacher_targets(images, teacher)
+            loss = self.criterion(outputs, targets, teacher)
         # Skipping a non-finite step without a host sync: the flag stays on the device, is
         # max-reduced over ranks, and gates the update inside the optimizer (fused AdamW's
         # found_inf, or GradScaler in fp16, which also lowers its scale); the NaN factor makes
