@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", required=True, help="deit-fast, timm or DeiT weights")
     p = sub.add_parser("demo", help="train a small DeiT on scikit-learn's digits, on the CPU")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--ablation", action="store_true",
+                   help="the distillation ablation instead (3 seeds x 4 recipes, ~20 min)")
+    p.add_argument("--table", default="benchmarks/results/distill_ablation.md",
+                   help="where --ablation writes its markdown table")
     p.add_argument("overrides", nargs="*", help="dotted overrides on the demo recipe")
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -68,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run_benchmark(args.name, args.args)
         if args.command == "data":
             return _check_data(args.data_path, args.full_decode)
+        if args.command == "demo" and args.ablation:
+            from deit_fast.ablation import run_ablation
+
+            summary = run_ablation(args.output_dir, args.overrides, table=args.table)
+            print(json.dumps(summary, indent=2))
+            return 0
         if args.command == "demo":
             from deit_fast.demo import run_demo
 

@@ -9,10 +9,8 @@ import timm
 import torch
 
 from data_pipeline import DatasetIndex, build_train_loader
-from data_pipeline.sampler import RepeatedAugSampler
 from data_pipeline.teacher_cache import (
     MANIFEST,
-    NOT_SHOWN,
     ShardWriter,
     TeacherCache,
     TeacherCacheError,
