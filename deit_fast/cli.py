@@ -21,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "train a DeiT (resumes from output_dir when it can)"),
                        ("eval", "evaluate a checkpoint on data.path/val"),
-                       ("cache-teacher", "write the teacher's top-k logits for distill.num_views "
-                                         "views to distill.cache_dir (resumes)")):
+                       ("cache-teacher", "write the teacher's top-k for every view the planned "
+                                         "run shows to distill.cache_dir (resumes)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML recipe, e.g. configs/deit_small.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
