@@ -113,7 +113,8 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
                  seeds: tuple[int, ...] = SEEDS, per_class: int = PER_CLASS,
                  epochs: int = EPOCHS, teacher_epochs: int = TEACHER_EPOCHS,
                  table: str | Path | None = TABLE) -> dict[str, Any]:
-    """Train every row over every seed; write summary.json (and the markdown table)."""
+    """Train every row over every seed; write summary.json (and the markdown table, with
+    the same numbers as JSON beside it)."""
     from data_pipeline import DatasetIndex
     from deit_fast.cache_teacher import cache_teacher
     from deit_fast.run import train
@@ -184,9 +185,10 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     }
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    if table is not None:
+    if table is not None:  # the table, and its numbers beside it as JSON
         Path(table).parent.mkdir(parents=True, exist_ok=True)
         Path(table).write_text(markdown(summary))
+        Path(table).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

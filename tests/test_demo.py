@@ -51,6 +51,7 @@ def test_ablation_wiring_on_one_seed_and_epoch(tmp_path, one_thread):
     summary = run_ablation(tmp_path, ["train.progress=false"], seeds=(0,), per_class=8,
                            epochs=1, teacher_epochs=1, table=tmp_path / "table.md")
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert json.loads((tmp_path / "table.json").read_text()) == summary
     assert summary["train_images"] == 80 and summary["seeds"] == [0]
     names = [r["row"] for r in summary["rows"]]
     assert names[:3] == [name for name, *_ in ROWS[:3]]
