@@ -38,7 +38,8 @@ def test_demo_with_teacher_writes_its_summary(tmp_path, one_thread):
         assert written[f"{stage}_seconds"] >= 0, stage
     assert written["total_seconds"] >= written["distilled_train_seconds"]
     manifest = json.loads((tmp_path / "teacher_cache" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["num_views"] == 1 and manifest["topk"] == 1
+    assert manifest["complete"] and manifest["num_views"] == 1 and manifest["topk"] == 10
+    assert manifest["forwards"] == written["train_images"]  # 1 epoch: one view per image
     # the teacher trained through the Trainer: its metrics, and weights that load into it
     teacher_log = [json.loads(line) for line in
                    (tmp_path / "teacher_run" / "metrics.jsonl").read_text().splitlines()]
