@@ -169,16 +169,19 @@ def view_batches(
     (images on `device`, unreadable files replaced in that batch)."""
     source = TrainSource(index, plan, ListedKeys(batches), on_bad_image, frozenset())
     largest = max(len(b) for b in batches)
-    for out in _train_pipeline(source, plan, device, largest, num_workers):
-        out = out[0]
-        n, seed = len(index), plan.seed
-        bad = []
-        for view, sample, count in zip(
-            out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
-        ):
-            chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
-            bad += [index.paths[s] for s in chain[:count]]
-        yield out["images"].to(device, non_blocking=True), bad
+    for (out,) in _train_pipeline(source, plan, device, largest, num_workers):
+        yield out["images"].to(device, non_blocking=True), _replaced_paths(index, plan.seed, out)
+
+
+def _replaced_paths(index: DatasetIndex, seed: int, out: dict) -> list[str]:
+    """Every unreadable file behind a replaced sample of a batch (replacements are pure)."""
+    paths, n = [], len(index)
+    for view, sample, count in zip(
+        out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
+    ):
+        chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
+        paths += [index.paths[s] for s in chain[:count]]
+    return paths
 
 
 @pipeline_def
@@ -277,13 +280,7 @@ class DaliTrainLoader:
         )
 
     def _report_replaced(self, out: dict) -> None:
-        """Name every unreadable file behind a replaced sample (replacements are pure)."""
-        n, seed = len(self.index), self.plan.seed
-        for view, sample, count in zip(
-            out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
-        ):
-            chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
-            self.bad_images += warn_skipped([self.index.paths[s] for s in chain[:count]])
+        self.bad_images += warn_skipped(_replaced_paths(self.index, self.plan.seed, out))
 
     def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
         """Files of the batches DALI may have in flight from first_item on."""
