@@ -93,7 +93,8 @@ def dali_stages(index, inputs: Inputs, args) -> dict[str, float]:
 
     params = inputs.plan.params
     sampler = RepeatedAugSampler(len(index), args.batch_size, repeats=3, rank=0, world_size=1)
-    source = dali.TrainSource(index, inputs.plan, sampler, 0, 0, None, "skip", frozenset())
+    keys = dali.SamplerKeys(sampler, 0, 0, None)
+    source = dali.TrainSource(index, inputs.plan, keys, "skip", frozenset())
     size, ra = params.image_size, params.rand_augment_config
     kw = {"batch_size": args.batch_size, "num_threads": args.threads, "device_id": None,
           "py_num_workers": 1, "py_start_method": "fork"}

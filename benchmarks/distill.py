@@ -1,18 +1,17 @@
-"""Distillation step benchmark: the student's training step with cached vs online teacher.
+"""Distillation step benchmark: the Trainer's own step with the cached vs the online teacher.
 
-One training step as the trainer runs it (forward, DistillationLoss, backward, AdamW), the
-same student and the same batch, in three rows of one run: no distillation, hard
-distillation from the teacher-logit cache (the lookup in a real on-disk TeacherCache and
-the rebuild of the distribution are inside the timed step), and hard distillation from
-the online teacher (its forward on every batch). Weights are random: only time matters.
-On the CPU the defaults are the demo's models (micro DeiT with a distillation token,
-timm's test_resnet teacher, 32 px); on a GPU pass e.g. --student
-deit_small_distilled_patch16_224 --teacher regnety_160 --img-size 224 --batch 256.
+Each row times `Trainer.train_step` (mixup, the configured loss, backward, AdamW, EMA, the
+NaN guard) on one batch already on the device, for the same student: no distillation;
+hard distillation from the cache (the batch carries the teacher's top-k, as the loader's
+workers attach it; the step rebuilds and mixes the distribution); hard distillation from
+the online teacher (its forward on every mixed batch). The cache's lookup runs in the
+loader's workers, off the step; its CPU time per batch is reported beside the table.
+Weights are random: only time matters.
 
-    python benchmarks/distill.py [--student NAME] [--teacher NAME] [--img-size S]
-                                 [--batch B] [--steps N] [--warmup W] [--threads T]
-                                 [--out DIR]
-    (or: deit-fast bench distill ...)
+    deit-fast bench distill --teacher regnety_160 --student deit_small_distilled_patch16_224 \
+        --batch 256                                  (on a GPU, bf16)
+    deit-fast bench distill --threads 1              (CPU: the demo's models, 32 px, fp32)
+    [--img-size S] [--classes C] [--topk K] [--steps N] [--warmup W] [--out DIR]
 
 Writes distill_<device>.csv to --out and prints the table last.
 """
@@ -21,31 +20,40 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, not benchmarks/
 
+from data_pipeline import Mixup  # noqa: E402
 from data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
 from deit_fast.losses import DistillationLoss  # noqa: E402
-from deit_fast.models import create_model  # noqa: E402
-from deit_fast.optim import build_optimizer  # noqa: E402
+from deit_fast.models import MODEL_SPECS, create_model  # noqa: E402
+from deit_fast.teacher import TeacherTargets  # noqa: E402
+from deit_fast.train import Trainer  # noqa: E402
+
+
+class OneBatch:
+    """The loader seam the Trainer's constructor reads; the benchmark feeds batches itself."""
+
+    steps_per_epoch, bad_files = 1_000_000, frozenset()
 
 
 def random_cache(folder: Path, num_samples: int, num_classes: int, topk: int) -> TeacherCache:
+    """A one-view cache of random teacher log-probabilities, on disk like a real one."""
     header = manifest_header(dataset_fingerprint="bench", num_samples=num_samples, seed=0,
-                             plan={}, num_classes=num_classes, teacher="random",
-                             teacher_checkpoint_sha256="", num_views=1, topk=topk,
-                             shard_size=num_samples)
+                             plan={}, repeats=1, num_classes=num_classes, teacher="random",
+                             teacher_checkpoint_sha256="", num_views=1, topk=topk, epochs=1,
+                             views_backend="torch", shard_size=num_samples,
+                             forwards=num_samples)
     writer = ShardWriter(folder, header)
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.standard_normal((num_samples, num_classes), np.float32))
@@ -55,14 +63,13 @@ def random_cache(folder: Path, num_samples: int, num_classes: int, topk: int) ->
     return TeacherCache(folder)
 
 
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of one step after warm-up."""
+def median_seconds(work, steps: int, warmup: int, device: torch.device) -> float:
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        work()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -74,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--student", default="deit_micro_distilled_patch4_32")
     parser.add_argument("--teacher", default="test_resnet", help="a timm model name")
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--img-size", type=int, help="default: the student's")
+    parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--topk", type=int, default=1)
+    parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,36 +96,38 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    size = args.img_size or MODEL_SPECS[args.student].get("img_size", 224)
+    precision = "bf16" if device.type == "cuda" else "fp32"
     torch.manual_seed(0)
-    student = create_model(args.student, img_size=args.img_size, num_classes=args.classes)
-    student.to(device).train()
     teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.classes)
     teacher.to(device).eval().requires_grad_(False)
-    optimizer = build_optimizer(student, load_config().optim, 5e-4, device)
-    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, args.classes, (args.batch,), device=device)
-    targets = torch.nn.functional.one_hot(labels, args.classes).float()
-    samples, views = torch.arange(args.batch), torch.zeros(args.batch, dtype=torch.int64)
     folder = tempfile.TemporaryDirectory()
     cache = random_cache(Path(folder.name), args.batch, args.classes, args.topk)
-
-    def make_step(loss: DistillationLoss, use_cache: bool):
-        def step() -> None:
-            teacher_targets = cache.targets(views, samples) if use_cache else None
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss_value = loss(images, student(images), targets, teacher_targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss_value.backward()
-            optimizer.step()
-        return step
-
+    rows_ids = np.arange(args.batch)
+    lookup = median_seconds(lambda: cache.topk(np.zeros_like(rows_ids), rows_ids), args.steps,
+                            args.warmup, torch.device("cpu"))
+    values, indices = cache.topk(np.zeros_like(rows_ids), rows_ids)
+    batch = SimpleNamespace(
+        images=torch.randn(args.batch, 3, size, size, device=device),
+        labels=torch.randint(0, args.classes, (args.batch,), device=device),
+        teacher_values=values.to(device), teacher_indices=indices.to(device))
+    cfg = load_config(None, [f"model.name={args.student}", f"model.img_size={size}",
+                             f"data.batch_size={args.batch}", f"train.precision={precision}",
+                             f"train.device={device.type}", f"train.output_dir={folder.name}",
+                             "train.progress=false"])
+    mixup = Mixup(num_classes=args.classes)  # the recipe's mixup 0.8 / cutmix 1.0
     rows = []
-    for name, loss, use_cache in (("none", DistillationLoss(), False),
-                                  ("hard, cached teacher", DistillationLoss("hard"), True),
-                                  ("hard, online teacher",
-                                   DistillationLoss("hard", teacher=teacher), False)):
-        seconds = time_steps(make_step(loss, use_cache), args.steps, args.warmup, device)
+    for name, kind, source in (("none", "none", None), ("hard, cached teacher", "hard", "cache"),
+                               ("hard, online teacher", "hard", "online")):
+        student = create_model(args.student, img_size=size, num_classes=args.classes).to(device)
+        targets = None if kind == "none" else TeacherTargets(
+            kind, 1.0, args.classes, teacher if source == "online" else None)
+        trainer = Trainer(cfg, student, OneBatch(), None, DistillationLoss(kind), mixup, device,
+                          Path(folder.name) / name.replace(" ", "_").replace(",", ""),
+                          teacher_targets=targets)
+        seconds = median_seconds(lambda t=trainer: t.train_step(batch), args.steps, args.warmup,
+                                 device)
+        trainer.close()
         rows.append({"distillation": name, "ms_per_step": round(1000 * seconds, 2),
                      "img_per_s": round(args.batch / seconds, 1)})
     folder.cleanup()
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["vs_cached"] = round(row["ms_per_step"] / cached, 2)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.machine()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+        f"cpu, {torch.get_num_threads()} threads"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"distill_{device.type}.csv"
@@ -134,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"student {args.student}, teacher {args.teacher}, {args.img_size} px, batch "
-          f"{args.batch}, {device.type} ({machine}), torch {torch.__version__}; "
-          f"median of {args.steps} steps; wrote {path}")
+    print(f"student {args.student}, teacher {args.teacher}, {size} px, {args.classes} classes, "
+          f"batch {args.batch}, {precision}, {machine}, torch {torch.__version__}; "
+          f"Trainer.train_step, median of {args.steps} steps; cache lookup of a batch (top-"
+          f"{args.topk}, in a loader worker, off the step): {1000 * lookup:.2f} ms; wrote {path}")
     print(f"{'distillation':<24}{'ms/step':>10}{'img/s':>10}{'vs cached':>11}")
     for row in rows:
         print(f"{row['distillation']:<24}{row['ms_per_step']:>10}{row['img_per_s']:>10}"

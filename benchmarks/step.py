@@ -58,6 +58,7 @@ from deit_fast.config import load_config  # noqa: E402
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402
+from deit_fast.teacher import TeacherTargets  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
 
 MODELS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224",
@@ -148,16 +149,19 @@ def _trainer(model: nn.Module, name: str, setting: Setting, batch: int, run: Run
         f"train.output_dir={run_dir}"])
     size = run.overrides.get("img_size", 224)  # every benchmarked model is a 224 px one
     classes = model.num_classes
+    # a cached teacher's top-5 log-probabilities, as the loader's batches carry them
+    top = torch.log_softmax(torch.randn(batch, classes, device=run.device), -1).topk(5, dim=-1)
     data = SimpleNamespace(
         images=torch.randn(batch, 3, size, size, device=run.device),
         labels=torch.randint(0, classes, (batch,), device=run.device),
-        teacher=torch.softmax(torch.randn(batch, classes, device=run.device), dim=-1))
+        teacher_values=top.values.half(), teacher_indices=top.indices)
     d = cfg.data
     mix = Mixup(d.mixup, d.cutmix, d.mixup_prob, d.mixup_switch_prob, d.label_smoothing,
                 classes)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     trainer = Trainer(cfg, model, _Batches(data), None, criterion, mix, run.device, run_dir,
-                      teacher_targets=(lambda b: b.teacher) if run.distill != "none" else None)
+                      teacher_targets=TeacherTargets(run.distill, cfg.distill.tau, classes)
+                      if run.distill != "none" else None)
     return trainer, data
 
 

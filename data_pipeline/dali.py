@@ -27,14 +27,21 @@ from nvidia.dali.auto_aug.core import select
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from data_pipeline.dali_augment import rand_augment_ops
-from data_pipeline.dali_source import TrainSource, ValSource
+from data_pipeline.dali_source import (
+    TEACHER_FIELDS,
+    ListedKeys,
+    SamplerKeys,
+    TrainSource,
+    ValSource,
+)
 from data_pipeline.dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.teacher_cache import TeacherCache
 from data_pipeline.workers import workers_ignore_stop_signals
 
 _LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
-_TRAIN_OUTPUTS = ("images", "labels", "samples", "repeats", "views", "requested", "replaced")
+_BATCH_FIELDS = ("labels", "samples", "repeats", "views", *TEACHER_FIELDS)  # teacher: [B, k]
 
 
 def _mark_undecodable(
@@ -133,7 +140,53 @@ def train_graph(source: TrainSource, size: int, num_layers: int, fill, mean, std
     images = fn.flip(images, horizontal=x["flip"])
     images = rand_augment(images, x, num_layers, size, fill)
     images = erase(_normalize(images, mean, std), x, size, on_gpu)
-    return (images, *(x[name] for name in _TRAIN_OUTPUTS[1:]))
+    return (images, *(x[name] for name in source.passed_through))
+
+
+def _train_pipeline(source: TrainSource, plan: AugmentationPlan, device: torch.device,
+                    batch_size: int, num_workers: int, **iterator_args) -> DALIGenericIterator:
+    p = plan.params
+    ra = p.rand_augment_config
+    pipe = train_graph(
+        source,
+        p.image_size,
+        ra.num_layers if ra else 0,
+        p.fill,
+        p.mean,
+        p.std,
+        **_pipeline_args(device, batch_size, num_workers),
+    )
+    with workers_ignore_stop_signals():
+        pipe.build()
+    return DALIGenericIterator([pipe], ["images", *source.passed_through], **iterator_args)
+
+
+def view_batches(
+    index: DatasetIndex,
+    plan: AugmentationPlan,
+    batches: list[np.ndarray],
+    num_workers: int,
+    device: torch.device,
+    on_bad_image: str,
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The views of listed (view, sample) rows, batch by batch, as training renders them:
+    (images on `device`, unreadable files replaced in that batch)."""
+    source = TrainSource(index, plan, ListedKeys(batches), on_bad_image, frozenset())
+    largest = max(len(b) for b in batches)
+    for (out,) in _train_pipeline(source, plan, device, largest, num_workers):
+        yield out["images"].to(device, non_blocking=True), _replaced_paths(index, plan.seed, out)
+
+
+def _replaced_paths(index: DatasetIndex, seed: int, out: dict) -> list[tuple[str, str]]:
+    """(path, path) for every unreadable file behind a replaced sample of a batch
+    (replacements are pure); the decoder's reason was warned when it was met."""
+    paths, n = [], len(index)
+    for view, sample, count in zip(
+        out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
+    ):
+        chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
+        paths += [(index.paths[s],) * 2 for s in chain[:count]]
+    return paths
 
 
 @pipeline_def
@@ -198,10 +251,11 @@ class DaliTrainLoader:
         on_bad_image: str,
         num_views: int | None,
         batch_type: type,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.index, self.plan, self.sampler, self.device = index, plan, sampler, device
         self.num_workers, self.on_bad_image, self.num_views = num_workers, on_bad_image, num_views
-        self.batch_type, self.bad_files = batch_type, set()
+        self.batch_type, self.bad_files, self.teacher_cache = batch_type, set(), teacher_cache
         self._known_bad: set[str] = set()
         self._iterator: DALIGenericIterator | None = None
         self._next_epoch: int | None = None  # the epoch the running pipeline will produce next
@@ -218,38 +272,24 @@ class DaliTrainLoader:
         return TrainSource(
             self.index,
             self.plan,
-            self.sampler,
-            epoch,
-            first_item,
-            self.num_views,
+            SamplerKeys(self.sampler, epoch, first_item, self.num_views),
             self.on_bad_image,
             frozenset(self._known_bad),
+            self.teacher_cache,
         )
 
     def _start(self, epoch: int, first_item: int) -> None:
-        p = self.plan.params
-        ra = p.rand_augment_config
-        pipe = train_graph(
+        self._iterator = _train_pipeline(
             self._source(epoch, first_item),
-            p.image_size,
-            ra.num_layers if ra else 0,
-            p.fill,
-            p.mean,
-            p.std,
-            **_pipeline_args(self.device, self.sampler.batch_size, self.num_workers),
+            self.plan,
+            self.device,
+            self.sampler.batch_size,
+            self.num_workers,
+            auto_reset=True,
         )
-        with workers_ignore_stop_signals():
-            pipe.build()
-        self._iterator = DALIGenericIterator([pipe], list(_TRAIN_OUTPUTS), auto_reset=True)
 
     def _report_replaced(self, out: dict) -> None:
-        """Name every unreadable file behind a replaced sample (replacements are pure)."""
-        n, seed = len(self.index), self.plan.seed
-        for view, sample, count in zip(
-            out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
-        ):
-            chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
-            warn_skipped([(self.index.paths[s],) * 2 for s in chain[:count]], self.bad_files)
+        warn_skipped(_replaced_paths(self.index, self.plan.seed, out), self.bad_files)
 
     def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
         """Files of the batches DALI may have in flight from first_item on."""
@@ -281,12 +321,17 @@ class DaliTrainLoader:
                 restart = True  # the same batches again, the bad files now replaced
                 continue
             self._report_replaced(out)
+            if self.teacher_cache is not None:  # host tensors from the source: no device sync
+                self.teacher_cache.check_shown(
+                    out["views"].view(-1), out["requested"].view(-1), out["teacher_indices"]
+                )
             item += self.sampler.items_per_step
             yield self.batch_type(
                 images=out["images"].to(self.device, non_blocking=True),
                 **{
-                    k: out[k].to(self.device, non_blocking=True).view(-1)
-                    for k in ("labels", "samples", "repeats", "views")
+                    k: out[k].to(self.device, non_blocking=True).flatten(int(k in TEACHER_FIELDS))
+                    for k in _BATCH_FIELDS
+                    if k in out
                 },
             )
         self._next_epoch = epoch + 1

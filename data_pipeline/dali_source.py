@@ -2,7 +2,9 @@
 
 Each is a batch callback: for (epoch, iteration) it reads one rank's file bytes, finds
 each image's size from its header, replaces unreadable files exactly as the torch loader
-does, and, for training, draws the plan of the batch (vectorised) as per-sample arrays.
+does, and, for training, draws the plan of the batch (vectorised) as per-sample arrays and,
+with a teacher cache, reads the teacher's top-k from its shards. Training keys come from
+the sampler (`SamplerKeys`); the teacher-cache pass lists its own (`ListedKeys`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from data_pipeline.dali_augment import dali_params
 from data_pipeline.dataset import BadImageError, DatasetIndex, probe_image, read_or_replace
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.teacher_cache import TeacherCache
 
 _SOURCE_OUTPUTS = (
     "encoded",
@@ -34,7 +37,12 @@ _SOURCE_OUTPUTS = (
     "views",
     "requested",
     "replaced",
+    "teacher_values",
+    "teacher_indices",
 )
+# The source's outputs the graph hands through to the batch, beside the images.
+PASSED_THROUGH = ("labels", "samples", "repeats", "views", "requested", "replaced")
+TEACHER_FIELDS = ("teacher_values", "teacher_indices")
 
 
 def _placeholder_jpeg() -> np.ndarray:
@@ -53,6 +61,42 @@ def _read_probe(path: str, known_bad: frozenset[str]) -> tuple[np.ndarray, int, 
     return np.frombuffer(data, np.uint8), height, width
 
 
+class SamplerKeys:
+    """A training run's (views, requested samples, repeats) per (epoch, iteration)."""
+
+    def __init__(
+        self,
+        sampler: RepeatedAugSampler,
+        start_epoch: int,
+        start_item: int,
+        num_views: int | None,
+    ) -> None:
+        self.sampler, self.start_epoch, self.start_item = sampler, start_epoch, start_item
+        self.num_views = num_views
+
+    def __call__(self, info: types.BatchInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        epoch = self.start_epoch + info.epoch_idx
+        start = self.start_item if info.epoch_idx == 0 else 0
+        if info.iteration >= self.sampler.num_steps(start_item=start):
+            raise StopIteration
+        first = start + info.iteration * self.sampler.items_per_step
+        requested, repeats = self.sampler.batch_at(epoch, first)
+        return self.sampler.views(epoch, repeats, self.num_views), requested, repeats
+
+
+class ListedKeys:
+    """Given batches of (view, sample) rows, one pass: the teacher-cache pass's keys."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = batches
+
+    def __call__(self, info: types.BatchInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if info.iteration >= len(self.batches):
+            raise StopIteration
+        views, samples = np.asarray(self.batches[info.iteration], np.int64).T
+        return views, samples, np.zeros_like(samples)
+
+
 class TrainSource:
     """Batch callback: (epoch, iteration) -> file bytes and the plan of one rank's batch."""
 
@@ -60,18 +104,20 @@ class TrainSource:
         self,
         index: DatasetIndex,
         plan: AugmentationPlan,
-        sampler: RepeatedAugSampler,
-        start_epoch: int,
-        start_item: int,
-        num_views: int | None,
+        keys: SamplerKeys | ListedKeys,
         on_bad_image: str,
         known_bad: frozenset[str],
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
-        self.paths, self.labels, self.plan, self.sampler = index.paths, index.labels, plan, sampler
-        self.start_epoch, self.start_item, self.num_views = start_epoch, start_item, num_views
+        self.paths, self.labels, self.plan, self.keys = index.paths, index.labels, plan, keys
         self.on_bad_image, self.known_bad = on_bad_image, known_bad
+        self.teacher_cache = teacher_cache
         skipped = () if plan.params.rand_augment_config else ("ra_op", "ra_param")
+        if teacher_cache is None:
+            skipped += TEACHER_FIELDS
         self.outputs = [name for name in _SOURCE_OUTPUTS if name not in skipped]
+        self.passed_through = [name for name in self.outputs if name in PASSED_THROUGH
+                               or name in TEACHER_FIELDS]
 
     def _read(self, view: int, sample: int) -> tuple[np.ndarray, int, int, int, int]:
         """(bytes, height, width, sample read, unreadable files skipped before it)."""
@@ -84,15 +130,7 @@ class TrainSource:
         return data, height, width, shown, len(errors)
 
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
-        epoch = self.start_epoch + info.epoch_idx
-        start = self.start_item if info.epoch_idx == 0 else 0
-        if info.iteration >= self.sampler.num_steps(start_item=start):
-            raise StopIteration
-        first = start + info.iteration * self.sampler.items_per_step
-        requested, repeats = self.sampler.batch_at(epoch, first)
-        views = epoch * self.sampler.repeats + repeats
-        if self.num_views:
-            views %= self.num_views
+        views, requested, repeats = self.keys(info)
         data, heights, widths, samples, replaced = zip(
             *(self._read(v, s) for v, s in zip(views.tolist(), requested.tolist()))
         )
@@ -124,6 +162,11 @@ class TrainSource:
             "requested": scalar(requested, np.int64),
             "replaced": scalar(replaced, np.int32),
         }
+        if self.teacher_cache is not None:  # keyed by the requested sample, as cached;
+            # DALI prefetches past the run's last epoch: the loader checks what it yields
+            values, indices = self.teacher_cache.topk(views, requested, strict=False)
+            fields["teacher_values"] = list(values.numpy())
+            fields["teacher_indices"] = list(indices.numpy())
         return tuple(fields[name] for name in self.outputs)
 
 

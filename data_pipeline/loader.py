@@ -18,6 +18,7 @@ from data_pipeline.sampler import RepeatedAugSampler
 
 if TYPE_CHECKING:  # the backends load lazily: DALI is optional
     from data_pipeline.dali import DaliTrainLoader, DaliValLoader
+    from data_pipeline.teacher_cache import TeacherCache
     from data_pipeline.torch_loader import TorchTrainLoader, TorchValLoader
 
 BACKENDS = ("torch", "dali")
@@ -26,13 +27,16 @@ BAD_IMAGE_POLICIES = ("skip", "error")
 
 @dataclass
 class TrainBatch:
-    """One rank's batch on the device; views[i] is the plan view of samples[i]."""
+    """One rank's batch on the device; views[i] is the plan view of samples[i]. With a
+    teacher cache, the teacher's top-k for each (view, requested sample) rides along."""
 
     images: torch.Tensor  # float32 [B, 3, S, S], normalized and erased
     labels: torch.Tensor  # int64 [B]
     samples: torch.Tensor  # int64 [B] dataset index actually shown (a replacement if unreadable)
     repeats: torch.Tensor  # int64 [B] repeat id k
-    views: torch.Tensor  # int64 [B] epoch * R + k (mod num_views when replaying a cache)
+    views: torch.Tensor  # int64 [B] the sampler's view rule (mod num_views with a cache)
+    teacher_values: torch.Tensor | None = None  # float32 [B, k] top-k log-probabilities
+    teacher_indices: torch.Tensor | None = None  # int64 [B, k] their classes
 
 
 def _check_choices(backend: str, on_bad_image: str) -> None:
@@ -55,10 +59,12 @@ def build_train_loader(
     device: torch.device | None = None,
     on_bad_image: str = "skip",
     num_views: int | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> TorchTrainLoader | DaliTrainLoader:
     """A loader with `steps_per_epoch`, `epoch(e, start_step=0, start_item=None)`, `bad_files`.
 
-    num_views: replay a teacher cache of that many views (view = (e * R + k) mod num_views).
+    num_views: views wrap mod num_views (RepeatedAugSampler.views), to replay a cache of V.
+    teacher_cache: its workers attach the teacher's top-k to every batch.
     start_item: resume from a global item count (step * batch_size * world_size of the run
     that saved it), which works across a change of world size.
     """
@@ -70,12 +76,14 @@ def build_train_loader(
         from data_pipeline.dali import DaliTrainLoader
 
         return DaliTrainLoader(
-            index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch
+            index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch,
+            teacher_cache,
         )
     from data_pipeline.torch_loader import TorchTrainLoader
 
     return TorchTrainLoader(
-        index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch
+        index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch,
+        teacher_cache,
     )
 
 

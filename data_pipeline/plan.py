@@ -1,10 +1,10 @@
 """The augmentation plan: every random decision of one training image, from its key.
 
-Key. A view of a sample is keyed by (seed, view, sample). The student at epoch e, repeat k
-(0 <= k < R) sees view v = e * R + k, or (e * R + k) mod V when it replays a teacher cache
-of V views; the repeat id therefore lives inside the view, and the teacher cache can ask
-for "view v of sample i" without knowing epochs. Each decision reads its own fixed stream
-id under that key (see `_S_*`), so decisions never shift when others are added.
+Key. A view of a sample is keyed by (seed, view, sample). The sampler decides which view
+each showing gets (RepeatedAugSampler.views: one per (cycle, repeat), mod V when a run
+replays a teacher cache of V views); the repeat id lives inside the view, so the teacher
+cache can ask for "view v of sample i" without knowing epochs. Each decision reads its own
+fixed stream id under that key (see `_S_*`), so decisions never shift when others are added.
 
 Decisions follow the DeiT recipe (timm's create_transform): RandomResizedCrop exactly as
 torchvision draws it (10 attempts, centre-crop fallback), horizontal flip, timm's

@@ -11,6 +11,11 @@ Sharding. Global step s takes the items [s * B * W, (s + 1) * B * W) of the epoc
 rank r takes every W-th of them starting at r, so the R copies of a sample land on
 different ranks when W >= R. A position is therefore a global item count, which does not
 depend on the world size: a run resumed on another number of ranks continues from it.
+
+Views. The plan view of (epoch e, repeat k) is (e // R) * R + k: a sample is shown in one
+epoch of each cycle, so (cycle, repeat) names each showing once, and a run of E epochs
+uses `full_views(E, R)` = ceil(E / R) * R views of each image (about E x N showings, not
+E x R x N). A teacher cache of fewer views V replays view mod V, reusing views as FKD does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ import numpy as np
 from data_pipeline.keyed_random import generator
 
 _STREAM = 1  # keeps sampler permutations apart from plan keys that share the seed
+
+
+def full_views(epochs: int, repeats: int) -> int:
+    """Views of a run of `epochs` epochs: one per (cycle, repeat), see the module docstring."""
+    return -(-epochs // repeats) * repeats
 
 
 class RepeatedAugSampler:
@@ -63,14 +73,33 @@ class RepeatedAugSampler:
             self._cached = (epoch, (np.repeat(chosen, r), np.tile(np.arange(r), len(chosen))))
         return self._cached[1]
 
+    def views(self, epoch: int, repeats: np.ndarray, num_views: int | None = None) -> np.ndarray:
+        """The plan view of each (sample, repeat k) shown in `epoch`; mod num_views if given."""
+        views = (epoch // self.repeats) * self.repeats + np.asarray(repeats, np.int64)
+        return views % num_views if num_views else views
+
+    @property
+    def epoch_items(self) -> int:
+        """Items of an epoch a run may read: R * floor(n / R) (then drop_last at the step)."""
+        return self.repeats * (self.num_samples // self.repeats)
+
+    def shown(self, epochs: int, num_views: int | None = None
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(views, samples) of every item epochs 0..epochs-1 show over all ranks, epoch by
+        epoch; a run reads all of them but the last partial global step of each epoch."""
+        for epoch in range(epochs):
+            samples, repeats = self.epoch_order(epoch)
+            end = self.epoch_items
+            yield self.views(epoch, repeats[:end], num_views), samples[:end]
+
     def start_item(self, start_step: int = 0, start_item: int | None = None) -> int:
         """The global item count a resume point stands for."""
         return start_step * self.items_per_step if start_item is None else start_item
 
     def num_steps(self, start_step: int = 0, start_item: int | None = None) -> int:
         """Steps left in an epoch resumed from start_step (or global item start_item)."""
-        end = self.repeats * (self.num_samples // self.repeats)
-        return max(0, (end - self.start_item(start_step, start_item)) // self.items_per_step)
+        left = self.epoch_items - self.start_item(start_step, start_item)
+        return max(0, left // self.items_per_step)
 
     def batch_at(self, epoch: int, first_item: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's (samples, repeats) of the global step starting at item first_item."""

@@ -4,16 +4,21 @@ Layout. View v of the dataset is cut into chunks of `shard_size` samples; shard
 (v, c) holds samples [c * S, (c + 1) * S) of view v as one plain binary file: the values
 (float16 [n, k], the teacher's top-k log-softmax, i.e. its logits shifted by their
 logsumexp, so the mass outside the top-k is known), then the class indices (int16 [n, k],
-int32 above 32767 classes). `manifest.json` says what the cache was built from and holds
+int32 above 32767 classes). A (view, sample) the planned run never shows is not computed:
+its row holds class index -1. `manifest.json` says what the cache was built from and holds
 a sha256 per shard. No pickle anywhere.
 
-Writing. A shard is written to a temporary name, fsynced and renamed, then its checksum
-goes to `<shard>.sha256` the same way; a shard with both files and a matching checksum is
-complete, so an interrupted pass resumes by skipping those. Whichever writer completes
-the last shard writes the final manifest, so ranks need no barrier.
+Writing. The pass starts by writing an incomplete manifest (`complete: false`); a shard
+is written to a temporary name, fsynced and renamed, then its checksum goes to
+`<shard>.sha256` the same way; a shard with both files and a matching checksum is
+complete, so an interrupted pass resumes by skipping those. An incomplete manifest of
+another configuration (say, a mistyped teacher) is replaced, with its shards; a complete
+one is never overwritten. Whichever writer completes the last shard writes the final
+manifest, so ranks need no barrier.
 
-Reading. `TeacherCache` memory-maps every shard after checking its size and checksum;
-a lookup by (view, sample) is arithmetic on the two numbers.
+Reading. `TeacherCache` checks every shard's size and checksum once, in the process that
+opens it; the loader's workers receive it (pickled without its memory maps), map the
+shards on first use and look up (view, sample) by arithmetic on the two numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+NOT_SHOWN = -1  # the class index of a row the planned run never reads
 # Fields a run must agree on with the cache; anything else in the manifest is bookkeeping.
-IDENTITY_FIELDS = ("dataset_fingerprint", "num_samples", "seed", "plan", "num_classes",
-                   "teacher", "teacher_checkpoint_sha256", "num_views", "topk")
+IDENTITY_FIELDS = ("dataset_fingerprint", "num_samples", "seed", "plan", "repeats",
+                   "num_classes", "teacher", "teacher_checkpoint_sha256", "num_views", "topk",
+                   "epochs", "views_backend")
 PRODUCE_HINT = "produce it with `deit-fast cache-teacher --config FILE` (same config as the run)"
 
 
@@ -104,37 +111,59 @@ class CacheLayout:
         return out
 
 
+def cache_bytes(num_samples: int, num_views: int, topk: int, num_classes: int) -> int:
+    """Size of the shards on disk: float16 values and the class indices, per row."""
+    return num_samples * num_views * topk * (2 + index_dtype(num_classes).itemsize)
+
+
 def manifest_header(*, dataset_fingerprint: str, num_samples: int, seed: int,
-                    plan: dict[str, Any], num_classes: int, teacher: str,
-                    teacher_checkpoint_sha256: str, num_views: int, topk: int,
-                    shard_size: int) -> dict[str, Any]:
-    """The manifest without its shard list: what the cache is, in JSON-plain values."""
+                    plan: dict[str, Any], repeats: int, num_classes: int, teacher: str,
+                    teacher_checkpoint_sha256: str, num_views: int, topk: int, epochs: int,
+                    views_backend: str, shard_size: int, forwards: int) -> dict[str, Any]:
+    """The manifest without its shard list: what the cache is, in JSON-plain values.
+    epochs, repeats and the seed fix which (view, sample) pairs are shown; `forwards` counts
+    them (the teacher forwards of the pass); views_backend is the decoder of the views."""
     return json.loads(json.dumps({
         "format_version": FORMAT_VERSION,
         "dataset_fingerprint": dataset_fingerprint, "num_samples": num_samples, "seed": seed,
-        "plan": plan, "num_classes": num_classes, "teacher": teacher,
+        "plan": plan, "repeats": repeats, "num_classes": num_classes, "teacher": teacher,
         "teacher_checkpoint_sha256": teacher_checkpoint_sha256, "num_views": num_views,
-        "topk": topk, "shard_size": shard_size, "values": "float16 top-k log_softmax",
-        "index_dtype": index_dtype(num_classes).name, "complete": False, "shards": [],
+        "topk": topk, "epochs": epochs, "views_backend": views_backend,
+        "shard_size": shard_size, "forwards": forwards,
+        "values": "float16 top-k log_softmax", "index_dtype": index_dtype(num_classes).name,
+        "complete": False, "shards": [],
     }))
 
 
-def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: str) -> None:
-    """Refuse a cache whose identity differs from `expected` (fields absent there are skipped)."""
+def first_mismatch(manifest: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """The first identity field (or the format version) where the two differ, or None."""
+    for key in ("format_version", *IDENTITY_FIELDS):
+        if key in expected and manifest.get(key) != expected[key]:
+            return key
+    return None
+
+
+def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: str,
+                   warn_only: tuple[str, ...] = ()) -> None:
+    """Refuse a cache whose identity differs from `expected` (fields absent there are
+    skipped); a differing field named in warn_only is a warning instead."""
     if manifest.get("format_version") != FORMAT_VERSION:
         raise TeacherCacheMismatch(f"teacher cache {where}: field 'format_version' is "
                                    f"{manifest.get('format_version')!r}, this code reads "
                                    f"{FORMAT_VERSION}; {PRODUCE_HINT}")
     for key in IDENTITY_FIELDS:
         if key in expected and manifest.get(key) != expected[key]:
-            raise TeacherCacheMismatch(
-                f"teacher cache {where} does not match this run: field {key!r} is "
-                f"{manifest.get(key)!r} in the cache, {expected[key]!r} in the run; "
-                f"use another distill.cache_dir or {PRODUCE_HINT}")
+            message = (f"teacher cache {where} does not match this run: field {key!r} is "
+                       f"{manifest.get(key)!r} in the cache, {expected[key]!r} in the run")
+            if key in warn_only:
+                warnings.warn(message, stacklevel=2)
+                continue
+            raise TeacherCacheMismatch(f"{message}; use another distill.cache_dir or "
+                                       f"{PRODUCE_HINT}")
 
 
 class ShardWriter:
-    """Writes the shards of one cache directory; `start` creates or checks the manifest."""
+    """Writes the shards of one cache directory; see the module docstring for restarts."""
 
     def __init__(self, cache_dir: str | Path, header: dict[str, Any]) -> None:
         self.dir, self.header = Path(cache_dir), header
@@ -142,10 +171,20 @@ class ShardWriter:
                                   header["shard_size"])
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / MANIFEST
-        if path.is_file():  # resuming: the partial cache must be the same cache
-            check_manifest(json.loads(path.read_text()), header, str(self.dir))
-        else:
-            _write_atomic(path, json.dumps(header, indent=1).encode())
+        if path.is_file():
+            found = json.loads(path.read_text())
+            if found.get("complete"):  # a finished cache is refused, never overwritten
+                check_manifest(found, header, str(self.dir))
+                return
+            differs = first_mismatch(found, header)
+            if differs is None:  # resuming the same pass: its finished shards are kept
+                return
+            warnings.warn(f"teacher cache {self.dir}: replacing an incomplete pass whose field "
+                          f"{differs!r} was {found.get(differs)!r} (now {header[differs]!r})",
+                          stacklevel=2)
+            for stale in [*self.dir.glob("view*_chunk*.bin"), *self.dir.glob("*.sha256")]:
+                stale.unlink()
+        _write_atomic(path, json.dumps(header, indent=1).encode())
 
     def is_complete(self, shard: ShardSpec) -> bool:
         path, check = self.dir / shard.name, self.dir / f"{shard.name}.sha256"
@@ -153,6 +192,7 @@ class ShardWriter:
             check.read_text().strip() == sha256_file(path)
 
     def write(self, shard: ShardSpec, values: np.ndarray, indices: np.ndarray) -> None:
+        """values float [count, k], indices int [count, k] (NOT_SHOWN rows: not computed)."""
         k, dtype = self.header["topk"], index_dtype(self.header["num_classes"])
         if values.shape != (shard.count, k) or indices.shape != (shard.count, k):
             raise ValueError(f"shard {shard.name}: expected [{shard.count}, {k}] values and "
@@ -184,11 +224,11 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 
 
 class TeacherCache:
-    """Top-k teacher log-probabilities by (view, sample), returned on `device`."""
+    """Top-k teacher log-probabilities by (view, sample). Checked on open; picklable
+    (a loader worker maps the shards itself on its first lookup)."""
 
-    def __init__(self, cache_dir: str | Path, device: torch.device | str = "cpu",
-                 verify: bool = True) -> None:
-        self.dir, self.device = Path(cache_dir), torch.device(device)
+    def __init__(self, cache_dir: str | Path, verify: bool = True) -> None:
+        self.dir = Path(cache_dir)
         self.manifest = m = read_manifest(cache_dir)
         check_manifest(m, {}, str(self.dir))
         if not m["complete"]:
@@ -198,12 +238,10 @@ class TeacherCache:
         self.num_views, self.num_samples = m["num_views"], m["num_samples"]
         self.num_classes, self.k = m["num_classes"], m["topk"]
         self.layout = CacheLayout(self.num_samples, self.num_views, m["shard_size"])
-        dtype = np.dtype(m["index_dtype"])
-        self.values: list[np.ndarray] = []
-        self.indices: list[np.ndarray] = []
+        self._dtype = np.dtype(m["index_dtype"])
         for entry in m["shards"]:
-            path, n, k = self.dir / entry["file"], entry["count"], self.k
-            size = n * k * (2 + dtype.itemsize)
+            path = self.dir / entry["file"]
+            size = entry["count"] * self.k * (2 + self._dtype.itemsize)
             if not path.is_file():
                 raise TeacherCacheError(f"teacher cache shard {path} is missing; {PRODUCE_HINT}")
             if path.stat().st_size != size:
@@ -212,14 +250,26 @@ class TeacherCache:
             if verify and sha256_file(path) != entry["sha256"]:
                 raise TeacherCacheError(f"teacher cache shard {path} is corrupted: its sha256 "
                                         f"differs from the manifest's")
-            self.values.append(np.memmap(path, np.float16, "r", 0, (n, k)))
-            self.indices.append(np.memmap(path, dtype, "r", n * k * 2, (n, k)))
+        self._maps: list[tuple[np.ndarray, np.ndarray]] | None = None
 
-    def topk(self, views: Sequence[int] | torch.Tensor, samples: Sequence[int] | torch.Tensor
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": None}  # memory maps do not travel; workers remap
+
+    def _shards(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self._maps is None:
+            self._maps = []
+            for entry in self.manifest["shards"]:
+                path, n, k = self.dir / entry["file"], entry["count"], self.k
+                self._maps.append((np.memmap(path, np.float16, "r", 0, (n, k)),
+                                   np.memmap(path, self._dtype, "r", n * k * 2, (n, k))))
+        return self._maps
+
+    def topk(self, views: np.ndarray, samples: np.ndarray, strict: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probabilities float32 [B, k], class indices int64 [B, k]) on the device."""
-        views = np.asarray(torch.as_tensor(views).cpu(), np.int64)
-        samples = np.asarray(torch.as_tensor(samples).cpu(), np.int64)
+        """(log-probabilities float32 [B, k], class indices int64 [B, k]), CPU tensors.
+        strict=False lets rows the planned run never shows through (NOT_SHOWN indices), for
+        a reader that prefetches past the run's end and checks what it hands on."""
+        views, samples = np.asarray(views, np.int64), np.asarray(samples, np.int64)
         if views.size and (views.min() < 0 or views.max() >= self.num_views):
             raise TeacherCacheError(f"view {int(views.max())} is not in the teacher cache at "
                                     f"{self.dir}, which holds views 0..{self.num_views - 1}; "
@@ -231,17 +281,24 @@ class TeacherCache:
         shard = views * self.layout.chunks_per_view + chunk
         values = np.empty((len(views), self.k), np.float32)
         indices = np.empty((len(views), self.k), np.int64)
+        maps = self._shards()
         for s in np.unique(shard):  # one fancy-index per touched shard
             mine = shard == s
-            values[mine] = self.values[s][row[mine]]
-            indices[mine] = self.indices[s][row[mine]]
-        return (torch.from_numpy(values).to(self.device, non_blocking=True),
-                torch.from_numpy(indices).to(self.device, non_blocking=True))
+            values[mine] = maps[s][0][row[mine]]
+            indices[mine] = maps[s][1][row[mine]]
+        if strict:
+            self.check_shown(views, samples, indices)
+        return torch.from_numpy(values), torch.from_numpy(indices)
 
-    def targets(self, views: Sequence[int] | torch.Tensor, samples: Sequence[int] | torch.Tensor,
-                tau: float = 1.0) -> torch.Tensor:
-        """The teacher's distribution at temperature tau, float32 [B, classes], rebuilt."""
-        return rebuild_distribution(*self.topk(views, samples), self.num_classes, tau)
+    def check_shown(self, views: np.ndarray, samples: np.ndarray, indices: np.ndarray) -> None:
+        """Refuse rows looked up for a (view, sample) the cache did not compute."""
+        missing = np.flatnonzero(np.asarray(indices)[:, 0] == NOT_SHOWN)
+        if missing.size:
+            i = missing[0]
+            raise TeacherCacheError(
+                f"teacher cache {self.dir} has no entry for view {int(views[i])} of sample "
+                f"{int(samples[i])}: it holds what {self.manifest['epochs']} epochs with "
+                f"data.repeats={self.manifest['repeats']} show; {PRODUCE_HINT}")
 
 
 def rebuild_distribution(log_probs: torch.Tensor, indices: torch.Tensor, num_classes: int,

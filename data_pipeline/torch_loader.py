@@ -6,7 +6,9 @@ any number of workers. Unreadable files are replaced deterministically (see
 plan.replacement_sample) and reported back with the batch, so the main process can count
 and name them whatever worker met them; with on_bad_image=error the worker sends the
 error back the same way, so it is raised in the main process with its own message.
-Workers ignore stop signals (workers.py).
+Workers ignore stop signals (workers.py). With a teacher cache, the workers also read the
+teacher's top-k for each (view, requested sample) from its memory-mapped shards, and the
+batch carries it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from data_pipeline.dataset import (
 from data_pipeline.pil_augment import augment_pil
 from data_pipeline.plan import AugmentationPlan, replacement_sample
 from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.teacher_cache import TeacherCache
 from data_pipeline.workers import ignore_stop_signals
 
 
@@ -95,9 +98,11 @@ class TrainViews(Dataset):
         plan: AugmentationPlan,
         on_bad_image: str,
         finish_in_worker: bool = False,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.paths, self.labels = index.paths, index.labels
         self.plan, self.on_bad_image, self.finish_in_worker = plan, on_bad_image, finish_in_worker
+        self.teacher_cache = teacher_cache
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -114,6 +119,7 @@ class TrainViews(Dataset):
     def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict:
         bad: list[tuple[str, str]] = []
         views = np.array([k[0] for k in keys], np.int64)
+        requested = np.array([k[1] for k in keys], np.int64)
         try:
             images, samples = zip(*(self._read(v, s, bad) for v, s, _ in keys))
         except BadImageError as e:
@@ -142,6 +148,10 @@ class TrainViews(Dataset):
             "views": torch.from_numpy(views),
             "bad": bad,
         }
+        if self.teacher_cache is not None:  # keyed by the requested sample, as cached
+            batch["teacher_values"], batch["teacher_indices"] = self.teacher_cache.topk(
+                views, requested
+            )
         if self.finish_in_worker:
             batch["images"] = finish(batch, torch.device("cpu"), p.mean, p.std)
         return batch
@@ -173,13 +183,16 @@ class TorchTrainLoader:
         on_bad_image: str,
         num_views: int | None,
         batch_type: type,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.plan, self.sampler, self.device = plan, sampler, device
         self.on_bad_image, self.num_views, self.batch_type = on_bad_image, num_views, batch_type
         self.bad_files: set[str] = set()
         self._keys = _EpochKeys()
+        views = TrainViews(index, plan, on_bad_image, device.type != "cuda", teacher_cache)
+        self._teacher_fields = ("teacher_values", "teacher_indices") if teacher_cache else ()
         self._loader = DataLoader(
-            TrainViews(index, plan, on_bad_image, finish_in_worker=device.type != "cuda"),
+            views,
             batch_sampler=self._keys,
             num_workers=num_workers,
             collate_fn=batch_as_is,
@@ -198,12 +211,9 @@ class TorchTrainLoader:
         return self.sampler.steps_per_epoch
 
     def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
-        r = self.sampler.repeats
         self._keys.batches = []
         for samples, repeats in self.sampler.batches(epoch, start_step, start_item):
-            views = epoch * r + repeats
-            if self.num_views:
-                views %= self.num_views
+            views = self.sampler.views(epoch, repeats, self.num_views)
             self._keys.batches.append(list(zip(views.tolist(), samples.tolist(), repeats.tolist())))
         for out in map(_checked, self._loader):
             warn_skipped(out["bad"], self.bad_files)
@@ -212,7 +222,7 @@ class TorchTrainLoader:
                 images=finish(out, self.device, p.mean, p.std),
                 **{
                     k: out[k].to(self.device, non_blocking=True)
-                    for k in ("labels", "samples", "repeats", "views")
+                    for k in ("labels", "samples", "repeats", "views", *self._teacher_fields)
                 },
             )
 

@@ -1,45 +1,69 @@
-"""`deit-fast cache-teacher`: run the teacher once over V views of the training set.
+"""`deit-fast cache-teacher`: run the teacher once on every view the planned run will show.
 
-Each view is built by the student's own pipeline and plan (the torch loader's TrainViews
-with explicit (view, sample) keys, no mixup), so the cached top-k is what the teacher
-would say about exactly the image the student sees at that view. Ranks (RANK/WORLD_SIZE,
-as torchrun sets them) take every W-th shard; a rerun skips finished shards.
+The sampler is a pure function, so the pass replays it over train.epochs and computes the
+teacher only on the (view, sample) pairs the run will read (view mod V): one forward per
+showing for a full cache, as an online teacher would pay, and fewer with a smaller V,
+whose views are reused. Each view is rendered by the run's own backend and plan (torch:
+the torch loader's TrainViews; dali: the DALI graph, on the GPU or its CPU graph), with no
+mixup, so the cached top-k is what the teacher says about exactly the image the student
+sees. Ranks (RANK/WORLD_SIZE, as torchrun sets them) take every W-th shard; a rerun skips
+finished shards.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_pipeline.dataset import DatasetIndex
+from data_pipeline.dataset import DatasetIndex, warn_skipped
 from data_pipeline.plan import AugmentationPlan
-from data_pipeline.teacher_cache import ShardWriter, manifest_header, sha256_file
-from data_pipeline.torch_loader import TrainViews, batch_as_is, finish
+from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.teacher_cache import NOT_SHOWN, ShardWriter, cache_bytes, sha256_file
 from deit_fast.config import Config, ConfigError
-from deit_fast.run import data_root, plan_params, resolve_device
+from deit_fast.recipe import (
+    cache_header,
+    data_root,
+    num_views,
+    plan_params,
+    resolve_device,
+    views_backend,
+)
 from deit_fast.teacher import load_teacher
 
 
-def num_views(cfg: Config) -> int:
-    """V: distill.num_views, or one fresh view per (epoch, repeat) of the run."""
-    return cfg.distill.num_views or cfg.train.epochs * cfg.data.repeats
+def shown_pairs(cfg: Config, num_samples: int) -> np.ndarray:
+    """bool [V, N]: which (view, sample) pairs the configured run shows (view mod V)."""
+    sampler = RepeatedAugSampler(num_samples, 1, cfg.data.repeats, cfg.train.seed)
+    shown = np.zeros((num_views(cfg), num_samples), bool)
+    for views, samples in sampler.shown(cfg.train.epochs, num_views(cfg)):
+        shown[views, samples] = True
+    return shown
 
 
-def cache_header(cfg: Config, index: DatasetIndex, teacher_sha256: str) -> dict[str, Any]:
-    """The manifest identity of the cache this config asks for."""
-    return manifest_header(
-        dataset_fingerprint=index.fingerprint, num_samples=len(index), seed=cfg.train.seed,
-        plan=dataclasses.asdict(plan_params(cfg)), num_classes=len(index.classes),
-        teacher=cfg.distill.teacher or "", teacher_checkpoint_sha256=teacher_sha256,
-        num_views=num_views(cfg), topk=cfg.distill.topk, shard_size=cfg.distill.shard_size)
+def _rendered(cfg: Config, index: DatasetIndex, plan: AugmentationPlan,
+              batches: list[np.ndarray], device: torch.device
+              ) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(images on device, unreadable files replaced) for each batch of (view, sample) rows."""
+    if cfg.data.backend == "dali":
+        from data_pipeline.dali import view_batches
+
+        yield from view_batches(index, plan, batches, cfg.data.num_workers, device,
+                                cfg.data.on_bad_image)
+        return
+    from data_pipeline.torch_loader import TrainViews, batch_as_is, finish
+
+    dataset = TrainViews(index, plan, cfg.data.on_bad_image, finish_in_worker=device.type != "cuda")
+    keys = [[(int(v), int(s), 0) for v, s in rows] for rows in batches]
+    loader = DataLoader(dataset, batch_sampler=keys, num_workers=cfg.data.num_workers,
+                        collate_fn=batch_as_is, pin_memory=device.type == "cuda")
+    for out in loader:
+        yield finish(out, device, plan.params.mean, plan.params.std), out["bad"]
 
 
 def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None = None) -> Path:
@@ -58,37 +82,48 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
     num_classes = len(index.classes)
     if d.topk > num_classes:
         raise ConfigError(f"distill.topk: {d.topk} is more than the {num_classes} classes")
-    writer = ShardWriter(d.cache_dir, cache_header(cfg, index, sha256_file(d.teacher_checkpoint)))
-    teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device)
-    dataset = TrainViews(index, AugmentationPlan(plan_params(cfg), cfg.train.seed),
-                         cfg.data.on_bad_image, finish_in_worker=device.type != "cuda")
+    teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device)  # before any file
+    shown = shown_pairs(cfg, len(index))
+    header = cache_header(cfg, index, sha256_file(d.teacher_checkpoint), device,
+                          forwards=int(shown.sum()))
+    if rank == 0:
+        size = cache_bytes(len(index), shown.shape[0], d.topk, num_classes)
+        print(f"cache-teacher: {header['forwards']:,} teacher forwards ({shown.shape[0]} views "
+              f"of {len(index):,} images, as {cfg.train.epochs} epochs with data.repeats="
+              f"{cfg.data.repeats} show them), {size / 2**20:,.1f} MiB of shards in "
+              f"{d.cache_dir}, views by {views_backend(cfg, device)}", flush=True)
+    writer = ShardWriter(d.cache_dir, header)
+    plan = AugmentationPlan(plan_params(cfg), cfg.train.seed)
     todo = [s for s in writer.layout.shards()[rank::world_size] if not writer.is_complete(s)]
+    rows = {s.name: np.flatnonzero(shown[s.view, s.first_sample:s.first_sample + s.count])
+            for s in todo}  # the shard's rows the run reads
     step = cfg.data.eval_batch_size
-    batches = [[(s.view, i, 0) for i in range(first, min(first + step, s.first_sample + s.count))]
-               for s in todo for first in range(s.first_sample, s.first_sample + s.count, step)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
-                        collate_fn=batch_as_is, pin_memory=device.type == "cuda")
+    batches = []  # (view, sample) rows, a shard at a time
+    for s in todo:
+        r = rows[s.name]
+        batches += [np.stack([np.full(len(part), s.view), s.first_sample + part], axis=1)
+                    for part in np.split(r, range(step, len(r), step)) if len(part)]
+    rendered = _rendered(cfg, index, plan, batches, device) if batches else iter(())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=sum(s.count for s in todo), unit="view", desc=f"cache-teacher r{rank}",
-               disable=not cfg.train.progress, dynamic_ncols=True)
-    batch_iter = iter(loader)
+    skipped: set[str] = set()
+    bar = tqdm(total=sum(len(r) for r in rows.values()), unit="view",
+               desc=f"cache-teacher r{rank}", disable=not cfg.train.progress, dynamic_ncols=True)
     with torch.inference_mode():
         for shard in todo:
-            values, indices = [], []
+            values = np.zeros((shard.count, d.topk), np.float32)
+            indices = np.full((shard.count, d.topk), NOT_SHOWN, np.int64)
             done = 0
-            while done < shard.count:
-                out = next(batch_iter)
-                for message in out["bad"]:  # the replacement's view is cached, as trained on
-                    warnings.warn(f"skipped unreadable image: {message}", stacklevel=2)
-                images = finish(out, device, dataset.plan.params.mean, dataset.plan.params.std)
+            while done < len(rows[shard.name]):
+                images, bad = next(rendered)
+                warn_skipped(bad, skipped)  # the replacement's view is cached, as trained on
                 with autocast:
                     logits = teacher(images)
                 top = torch.log_softmax(logits.float(), dim=-1).topk(d.topk, dim=-1)
-                values.append(top.values.cpu().numpy())
-                indices.append(top.indices.cpu().numpy())
-                done += len(out["images"])
-                bar.update(len(out["images"]))
-            writer.write(shard, np.concatenate(values), np.concatenate(indices))
+                mine = rows[shard.name][done:done + len(images)]
+                values[mine], indices[mine] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+                done += len(images)
+                bar.update(len(images))
+            writer.write(shard, values, indices)
     bar.close()
     writer.finalize()
     return Path(d.cache_dir)

@@ -23,8 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "train a DeiT (resumes from output_dir when it can)"),
                        ("eval", "evaluate a checkpoint on data.path/val"),
-                       ("cache-teacher", "write the teacher's top-k logits for distill.num_views "
-                                         "views to distill.cache_dir (resumes)")):
+                       ("cache-teacher", "write the teacher's top-k for every view the planned "
+                                         "run shows to distill.cache_dir (resumes)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML recipe, e.g. configs/deit_small.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="evaluate the EMA weights of a deit-fast checkpoint")
     p = sub.add_parser("demo", help="train a small DeiT on scikit-learn's digits, on the CPU")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--ablation", action="store_true",
+                   help="the distillation ablation instead (3 seeds x 4 recipes, ~20 min)")
+    p.add_argument("--table", default="benchmarks/results/distill_ablation.md",
+                   help="where --ablation writes its markdown table")
     p.add_argument("overrides", nargs="*", help="dotted overrides on the demo recipe")
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -78,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run_benchmark(args.name, args.args)
         if args.command == "data":
             return _check_data(args.data_path, args.full_decode)
+        if args.command == "demo" and args.ablation:
+            from deit_fast.ablation import run_ablation
+
+            summary = run_ablation(args.output_dir, args.overrides, table=args.table)
+            print(json.dumps(summary, indent=2))
+            return 0
         if args.command == "demo":
             from deit_fast.demo import run_demo
 

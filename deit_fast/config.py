@@ -88,9 +88,10 @@ class DistillConfig:
     teacher: str | None = None  # timm model name, or a deit-fast model name
     teacher_checkpoint: str | None = None
     cache_dir: str | None = None  # teacher-logit cache (deit-fast cache-teacher writes it)
-    num_views: int | None = None  # views in the cache; None: train.epochs * data.repeats
+    num_views: int | None = None  # views in the cache; None: one per showing (sampler.full_views)
     topk: int = 5  # teacher log-probabilities kept per view (1 is enough for hard)
     shard_size: int = 10000  # samples per cache shard
+    allow_backend_mismatch: bool = False  # train on a cache of another decoder, with a warning
 
 
 @dataclass

@@ -5,17 +5,14 @@ temperature tau, scaled by tau^2 and divided by the number of logits; hard disti
 is the cross-entropy with the teacher's argmax. Both apply to the distillation head of a
 distilled model, or to the class head when the model has no distillation token.
 
-The teacher's side comes either from an online teacher run on the (mixed) batch, exactly
-as the paper does, or from per-sample teacher targets replayed from a teacher cache: the
-teacher's distribution at temperature tau (1 for hard), mixed by mixup/cutmix with the
-labels' lambda and permutation. The one approximation of the cache, in one place:
-teacher(mix(a, b)) is taken as mix(teacher(a), teacher(b)), so soft distillation uses the
-mixed distribution and hard distillation its argmax (the class the mix is mostly made of).
+The loss receives the teacher's side as per-sample distributions (deit_fast.teacher's
+TeacherTargets makes them, from the online teacher on the mixed batch or from the cache).
+The one approximation of the cache, in one place: teacher(mix(a, b)) is taken as
+mix(teacher(a), teacher(b)), so soft distillation uses the mixed distribution and hard
+distillation its argmax (the class the mix is mostly made of).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,40 +40,29 @@ def hard_distillation(dist_logits: Tensor, teacher_scores: Tensor) -> Tensor:
 class DistillationLoss:
     """(1 - alpha) * CE(class head, targets) + alpha * distillation(dist head, teacher)."""
 
-    def __init__(self, kind: str = "none", alpha: float = 0.5, tau: float = 1.0,
-                 teacher: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, kind: str = "none", alpha: float = 0.5, tau: float = 1.0) -> None:
         if kind not in DISTILL_TYPES:
             raise ValueError(f"distill.type: {kind!r} is not one of {', '.join(DISTILL_TYPES)}")
-        self.kind, self.alpha, self.tau, self.teacher = kind, alpha, tau, teacher
+        self.kind, self.alpha, self.tau = kind, alpha, tau
 
-    @property
-    def target_tau(self) -> float:
-        """The temperature cached teacher targets must be rebuilt at (hard ignores tau)."""
-        return self.tau if self.kind == "soft" else 1.0
-
-    def components(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor],
-                   targets: Tensor, teacher_targets: Tensor | None = None
-                   ) -> tuple[Tensor, Tensor | None]:
+    def components(self, outputs: Tensor | tuple[Tensor, Tensor], targets: Tensor,
+                   teacher_targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(class-head loss, distillation loss or None when distill.type is none)."""
         logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
         base = soft_target_cross_entropy(logits, targets)
         if self.kind == "none":
             return base, None
         if teacher_targets is None:
-            if self.teacher is None:
-                raise ValueError(f"distill.type={self.kind!r} needs a teacher: set "
-                                 "distill.teacher (online) or distill.cache_dir (cache)")
-            with torch.no_grad():
-                teacher_logits = self.teacher(images).float()
-            teacher_targets = torch.softmax(teacher_logits / self.target_tau, dim=-1)
+            raise ValueError(f"distill.type={self.kind!r} needs teacher targets: set "
+                             "distill.teacher (online) or distill.cache_dir (cache)")
         if self.kind == "soft":
             return base, soft_distillation(dist_logits, teacher_targets.float(), self.tau)
         return base, hard_distillation(dist_logits, teacher_targets)
 
-    def __call__(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor],
-                 targets: Tensor, teacher_targets: Tensor | None = None) -> Tensor:
-        """teacher_targets: per-sample teacher distributions from a cache, already mixed."""
-        base, distill = self.components(images, outputs, targets, teacher_targets)
+    def __call__(self, outputs: Tensor | tuple[Tensor, Tensor], targets: Tensor,
+                 teacher_targets: Tensor | None = None) -> Tensor:
+        """teacher_targets: per-sample teacher distributions of the (mixed) batch."""
+        base, distill = self.components(outputs, targets, teacher_targets)
         if distill is None:
             return base
         return base * (1 - self.alpha) + distill * self.alpha

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,19 +16,20 @@ from deit_fast.config import Config, ConfigError, load_config, save_config, to_d
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import DeiT, create_model, load_checkpoint
 from deit_fast.ops import resolve_kernels
-from deit_fast.teacher import load_teacher
+from deit_fast.recipe import (
+    cache_header,
+    data_root,
+    image_size,
+    num_views,
+    plan_params,
+    resolve_device,
+)
+from deit_fast.teacher import TeacherTargets, load_teacher
 from deit_fast.train import PRECISION, Trainer
 
 if TYPE_CHECKING:
-    from data_pipeline import DatasetIndex, PlanParams
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto")
-    return torch.device(name)
+    from data_pipeline import DatasetIndex
+    from data_pipeline.teacher_cache import TeacherCache
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> DeiT:
@@ -42,55 +42,57 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> DeiT:
     return model.to(device)
 
 
-def image_size(cfg: Config) -> int:
-    from deit_fast.models import MODEL_SPECS
-
-    return cfg.model.img_size or MODEL_SPECS[cfg.model.name].get("img_size", 224)
-
-
-def data_root(cfg: Config) -> Path:
-    if not cfg.data.path:
-        raise ValueError("data.path: no dataset given; pass data.path=/path/to/imagenet "
-                         "(a folder with train/ and val/)")
-    root = Path(cfg.data.path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.path {str(root)!r} does not exist")
-    return root
-
-
-def plan_params(cfg: Config) -> PlanParams:
-    """The augmentation plan's parameters: shared by training and the teacher cache."""
-    from data_pipeline import PlanParams
-
-    d = cfg.data
-    return PlanParams(image_size=image_size(cfg), scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                      rand_augment=d.rand_augment or None, reprob=d.reprob)
-
-
 def uses_cache(cfg: Config) -> bool:
     return cfg.distill.type != "none" and cfg.distill.source == "cache"
 
 
-def cached_views(cfg: Config) -> int | None:
-    """V of the teacher cache the run replays (views wrap around mod V), or None; warns when
-    the run draws more views than the cache holds, so that views repeat."""
+def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device
+                       ) -> TeacherCache | None:
+    """With distill.source=cache: the cache, after checking that it was built for this run's
+    dataset, seed, plan, repeats, classes, V, decoder (and teacher) and no fewer epochs."""
     if not uses_cache(cfg):
         return None
-    from data_pipeline.teacher_cache import read_manifest
+    from data_pipeline.teacher_cache import (
+        PRODUCE_HINT,
+        TeacherCache,
+        TeacherCacheMismatch,
+        check_manifest,
+        sha256_file,
+    )
 
-    views = cfg.distill.num_views or read_manifest(cfg.distill.cache_dir)["num_views"]
-    drawn = cfg.train.epochs * cfg.data.repeats
-    if drawn > views:
+    d = cfg.distill
+    cache = TeacherCache(d.cache_dir)
+    teacher_sha = sha256_file(d.teacher_checkpoint) if d.teacher_checkpoint else ""
+    expected = cache_header(cfg, index, teacher_sha, device)
+    unset = {"topk": True, "epochs": True, "teacher": not d.teacher,  # the cache's own are used
+             "teacher_checkpoint_sha256": not d.teacher_checkpoint}
+    warn = ("views_backend",) if d.allow_backend_mismatch else ()
+    check_manifest(cache.manifest, {k: v for k, v in expected.items() if not unset.get(k)},
+                   d.cache_dir, warn_only=warn)
+    if cfg.train.epochs > cache.manifest["epochs"]:
+        raise TeacherCacheMismatch(
+            f"teacher cache {d.cache_dir} does not match this run: field 'epochs' is "
+            f"{cache.manifest['epochs']} in the cache, {cfg.train.epochs} in the run (it holds "
+            f"the views of its epochs only); {PRODUCE_HINT}")
+    _warn_view_reuse(cfg)
+    return cache
+
+
+def _warn_view_reuse(cfg: Config) -> None:
+    """A cache of fewer views than the run shows makes views repeat: say so, once."""
+    from data_pipeline.sampler import full_views
+
+    views, fresh = num_views(cfg), full_views(cfg.train.epochs, cfg.data.repeats)
+    if views < fresh:
         warnings.warn(f"the teacher cache in {cfg.distill.cache_dir} holds {views} views, this "
-                      f"run draws {drawn} (train.epochs={cfg.train.epochs} x data.repeats="
-                      f"{cfg.data.repeats}): views repeat from epoch "
-                      f"{views // cfg.data.repeats} on; build a cache with "
-                      f"distill.num_views={drawn} for fresh views", stacklevel=2)
-    return views
+                      f"run shows {fresh} (train.epochs={cfg.train.epochs}, data.repeats="
+                      f"{cfg.data.repeats}): views repeat; build a cache without "
+                      "distill.num_views for one fresh view per showing", stacklevel=3)
 
 
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):
-    """(train index, train loader, val loader, mixup) from the data_pipeline package."""
+    """(train index, train loader, val loader, mixup) from the data_pipeline package; with
+    a teacher cache, the train loader's workers attach its top-k to every batch."""
     from data_pipeline import (
         DatasetIndex,
         Mixup,
@@ -104,12 +106,13 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     if val_index.classes != train_index.classes:
         raise ValueError(f"{root}: val/ has classes {val_index.classes[:5]}..., train/ has "
                          f"{train_index.classes[:5]}...; they must match")
+    cache = open_teacher_cache(cfg, train_index, device)
     size = image_size(cfg)
     train_loader = build_train_loader(
         train_index, params=plan_params(cfg), batch_size=d.batch_size, seed=cfg.train.seed,
         repeats=d.repeats, rank=rank, world_size=world_size, num_workers=d.num_workers,
         backend=d.backend, device=device, on_bad_image=d.on_bad_image,
-        num_views=cached_views(cfg))
+        num_views=num_views(cfg) if cache else None, teacher_cache=cache)
     val_loader = build_val_loader(
         val_index, image_size=size, crop_pct=d.crop_pct, batch_size=d.eval_batch_size,
         num_workers=d.num_workers, backend=d.backend, device=device, rank=rank,
@@ -120,34 +123,21 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     return train_index, train_loader, val_loader, mixup
 
 
-def build_criterion(cfg: Config, num_classes: int, device: torch.device) -> DistillationLoss:
-    """The loss; with distill.source=online it holds the teacher (cache: see below)."""
-    teacher = None
-    if cfg.distill.type != "none" and cfg.distill.source == "online":
-        teacher = load_teacher(cfg.distill.teacher, cfg.distill.teacher_checkpoint, num_classes,
-                               device)
-    return DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau, teacher)
+def build_criterion(cfg: Config) -> DistillationLoss:
+    return DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
 
 
-def build_teacher_targets(cfg: Config, index: DatasetIndex, device: torch.device
-                          ) -> Callable[[Any], torch.Tensor] | None:
-    """With distill.source=cache: the batch -> teacher distribution lookup, after checking
-    that the cache was built for this run's dataset, seed, plan, classes (and teacher)."""
-    if not uses_cache(cfg):
-        return None
-    from data_pipeline.teacher_cache import TeacherCache, check_manifest, sha256_file
-    from deit_fast.cache_teacher import cache_header
-
+def build_teacher_targets(cfg: Config, num_classes: int, device: torch.device
+                          ) -> TeacherTargets | None:
+    """The teacher's side of the loss: None without distillation; the online teacher
+    (distill.source=online), or the cached top-k the batches carry (cache)."""
     d = cfg.distill
-    cache = TeacherCache(d.cache_dir, device)
-    teacher_sha = sha256_file(d.teacher_checkpoint) if d.teacher_checkpoint else ""
-    expected = cache_header(cfg, index, teacher_sha)
-    unset = {"topk": True, "num_views": not d.num_views, "teacher": not d.teacher,
-             "teacher_checkpoint_sha256": not d.teacher_checkpoint}  # the cache's own are used
-    check_manifest(cache.manifest, {k: v for k, v in expected.items() if not unset.get(k)},
-                   d.cache_dir)
-    tau = 1.0 if d.type == "hard" else d.tau
-    return lambda batch: cache.targets(batch.views, batch.samples, tau)
+    if d.type == "none":
+        return None
+    teacher = None
+    if d.source == "online":
+        teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device)
+    return TeacherTargets(d.type, d.tau, num_classes, teacher)
 
 
 def check_output_dir(cfg: Config) -> Path:
@@ -231,14 +221,14 @@ def _train(cfg: Config, dist: distributed.Distributed,
         raise ValueError(f"model.num_classes={num_classes} but the dataset has "
                          f"{len(index.classes)} classes")
     model = build_model(cfg, num_classes, device)
-    criterion = build_criterion(cfg, num_classes, device)
+    criterion = build_criterion(cfg)
     if dist.active:
         torch.manual_seed(cfg.train.seed + dist.rank)  # drop-path masks differ between ranks
     if dist.is_main and state is None:
         save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, model, train_loader, val_loader, criterion, mixup, device, run_dir,
                       fingerprint=index.fingerprint,
-                      teacher_targets=build_teacher_targets(cfg, index, device),
+                      teacher_targets=build_teacher_targets(cfg, num_classes, device),
                       dist=dist, stop=stop)
     try:
         if state is not None:

@@ -38,6 +38,7 @@ from deit_fast.flops import mfu, peak_tflops, train_flops_per_image
 from deit_fast.metrics import MetricsLog, plot_curves, warn_write_failed
 from deit_fast.optim import CosineSchedule, build_optimizer, scaled_lr
 from deit_fast.step_graph import CapturedStep
+from deit_fast.teacher import TeacherTargets
 
 PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,8 +52,6 @@ class TrainLoader(Protocol):
 
 
 Mix = Callable[..., tuple[Tensor, Tensor, Tensor | None]]
-# Per-sample teacher targets for a batch (e.g. looked up in a teacher cache), or None.
-TeacherTargets = Callable[[Any], Tensor]
 
 
 class BadStepsError(RuntimeError):
@@ -232,9 +231,9 @@ class Trainer:
         self.lr.fill_(self.last_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        teacher = self.teacher_targets(batch) if self.teacher_targets else None
-        # Labels and teacher targets are mixed with the same lambda and permutation; each
-        # rank draws its own, as timm's per-process Mixup does.
+        teacher = self.teacher_targets.from_batch(batch) if self.teacher_targets else None
+        # Labels and cached teacher targets are mixed with the same lambda and permutation;
+        # each rank draws its own, as timm's per-process Mixup does.
         key = (self.epoch, self.step_in_epoch, self.dist.rank)
         if self.captured is not None:
             images = batch.images
@@ -256,7 +255,10 @@ class Trainer:
         A non-finite loss turns every gradient NaN (the update then sees it, on every rank
         once DDP has reduced them, and GradScaler in fp16 too)."""
         with self.autocast():
-            loss = self.criterion(images, self.forward(images), targets, teacher)
+            outputs = self.forward(images)
+            if self.teacher_targets:  # online: the teacher sees the mixed images
+                teacher = self.teacher_targets(images, teacher)
+            loss = self.criterion(outputs, targets, teacher)
         share = torch.where(torch.isfinite(loss.detach()), 1.0 / group_size, float("nan"))
         self.scaler.scale(loss * share).backward()
         return loss.detach()

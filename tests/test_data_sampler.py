@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data_pipeline.sampler import RepeatedAugSampler
+from data_pipeline.sampler import RepeatedAugSampler, full_views
 
 
 def _all_ranks(n, batch, repeats, world, epoch, seed=0):
@@ -111,3 +111,22 @@ def test_too_small_dataset_and_bad_rank_are_refused():
         RepeatedAugSampler(10, 16, 3)
     with pytest.raises(ValueError, match=r"rank 2 must be in \[0, world_size=2\)"):
         RepeatedAugSampler(100, 4, 3, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("n,repeats,epochs,views", [(100, 3, 7, 9), (99, 3, 6, 6), (50, 1, 4, 4),
+                                                    (64, 4, 8, 8), (10, 2, 1, 2)])
+def test_each_showing_has_its_own_view_and_a_run_uses_one_view_per_cycle_repeat(
+        n, repeats, epochs, views):
+    """A run of E epochs shows E x R x floor(n / R) (view, sample) pairs, all distinct, over
+    ceil(E / R) x R views (the old rule, view = e * R + k, used E x R)."""
+    assert full_views(epochs, repeats) == views
+    sampler = RepeatedAugSampler(n, 4, repeats, seed=5)
+    pairs = [(v, s) for vs, ss in sampler.shown(epochs) for v, s in zip(vs.tolist(), ss.tolist())]
+    assert len(pairs) == len(set(pairs)) == epochs * repeats * (n // repeats)
+    assert {v for v, _ in pairs} <= set(range(views))
+    read = {(int(v), int(s)) for e in range(epochs) for ss, ks in sampler.batches(e)
+            for v, s in zip(sampler.views(e, ks), ss)}
+    assert read <= set(pairs) and len(pairs) - len(read) < epochs * sampler.items_per_step
+    wrapped = {(v, s) for vs, ss in sampler.shown(epochs, num_views=2)
+               for v, s in zip(vs.tolist(), ss.tolist())}
+    assert wrapped == {(v % 2, s) for v, s in pairs}

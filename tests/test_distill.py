@@ -11,6 +11,7 @@ from deit_fast.config import load_config
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.run import train
+from deit_fast.teacher import TeacherTargets
 from deit_fast.train import Trainer
 from tests.helpers import teacher_setup
 
@@ -47,13 +48,13 @@ def logits():
 def test_soft_matches_the_hand_computation_online_and_cached(logits, tau):
     cls, dist, teacher = logits
     targets = torch.softmax(torch.randn(B, C, dtype=torch.float64), dim=1)
-    loss = DistillationLoss("soft", alpha=0.3, tau=tau, teacher=lambda images: teacher)
+    loss = DistillationLoss("soft", alpha=0.3, tau=tau)
     t_probs = softmax(teacher.numpy() / tau)
     expected = 0.7 * hand_ce(cls.numpy(), targets.numpy()) + \
         0.3 * hand_soft(dist.numpy(), t_probs, tau)
-    online = loss(None, (cls, dist), targets)
-    cached = DistillationLoss("soft", 0.3, tau)(None, (cls, dist), targets,
-                                                torch.from_numpy(t_probs))
+    online_teacher = TeacherTargets("soft", tau, C, teacher=lambda images: teacher)
+    online = loss((cls, dist), targets, online_teacher(torch.zeros(B, 3, 4, 4), None))
+    cached = loss((cls, dist), targets, torch.from_numpy(t_probs))
     assert online.item() == pytest.approx(expected, rel=1e-5)
     assert cached.item() == pytest.approx(expected, rel=1e-5)
 
@@ -61,11 +62,14 @@ def test_soft_matches_the_hand_computation_online_and_cached(logits, tau):
 def test_hard_matches_the_hand_computation_and_uses_the_class_head_without_token(logits):
     cls, dist, teacher = logits
     targets = torch.softmax(torch.randn(B, C, dtype=torch.float64), dim=1)
-    loss = DistillationLoss("hard", alpha=0.5, teacher=lambda images: teacher)
-    base, distill = loss.components(None, (cls, dist), targets)
+    loss = DistillationLoss("hard", alpha=0.5)
+    online = TeacherTargets("hard", 3.0, C, teacher=lambda images: teacher)
+    assert online.target_tau == 1.0  # hard distillation takes the argmax at tau 1
+    teacher_targets = online(torch.zeros(B, 3, 4, 4), None)
+    base, distill = loss.components((cls, dist), targets, teacher_targets)
     assert base.item() == pytest.approx(hand_ce(cls.numpy(), targets.numpy()), rel=1e-5)
     assert distill.item() == pytest.approx(hand_hard(dist.numpy(), teacher.numpy()), rel=1e-5)
-    _, on_class_head = loss.components(None, cls, targets)
+    _, on_class_head = loss.components(cls, targets, teacher_targets)
     assert on_class_head.item() == pytest.approx(hand_hard(cls.numpy(), teacher.numpy()),
                                                  rel=1e-5)
 
@@ -87,14 +91,37 @@ def test_cached_targets_are_mixed_with_the_labels_lambda_and_permutation(logits,
     expected_targets = lam * one_hot + (1 - lam) * one_hot[perm]
     hand = hand_soft(dist.numpy(), expected_mix, tau) if kind == "soft" else \
         hand_hard(dist.numpy(), expected_mix)
-    loss = DistillationLoss(kind, alpha=0.5, tau=tau)(images, (cls, dist), targets, mixed)
+    loss = DistillationLoss(kind, alpha=0.5, tau=tau)((cls, dist), targets, mixed)
     expected = 0.5 * hand_ce(cls.numpy(), expected_targets) + 0.5 * hand
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_distillation_without_any_teacher_is_refused(logits):
-    with pytest.raises(ValueError, match="distill.type='hard' needs a teacher"):
-        DistillationLoss("hard")(None, tuple(logits[:2]), torch.eye(C)[torch.arange(B) % C])
+    with pytest.raises(ValueError, match="distill.type='hard' needs teacher targets"):
+        DistillationLoss("hard")(tuple(logits[:2]), torch.eye(C)[torch.arange(B) % C])
+    with pytest.raises(ValueError, match="the batch carries no teacher top-k"):
+        TeacherTargets("hard", 1.0, C).from_batch(SimpleNamespace(images=None))
+
+
+def test_online_teacher_sees_the_mixed_images_and_cached_targets_are_rebuilt():
+    """Online: the teacher runs on the images it is given (the mixed batch), once; cached:
+    the batch's top-k becomes the distribution at tau, which the mixed targets replace."""
+    seen = []
+    teacher = lambda images: seen.append(images) or images.mean(dim=(2, 3))[:, :C]
+    online = TeacherTargets("soft", 2.0, C, teacher=teacher)
+    mixed_images = torch.randn(B, C, 4, 4)
+    batch = SimpleNamespace(images=torch.randn(B, C, 4, 4))
+    assert online.from_batch(batch) is None
+    got = online(mixed_images, None)
+    assert len(seen) == 1 and seen[0] is mixed_images
+    torch.testing.assert_close(got, torch.softmax(mixed_images.mean(dim=(2, 3)) / 2.0, dim=-1))
+    probs = torch.softmax(torch.randn(B, C), dim=1)
+    top = probs.log().topk(C)
+    cached = TeacherTargets("soft", 2.0, C)
+    rebuilt = cached.from_batch(SimpleNamespace(teacher_values=top.values,
+                                                teacher_indices=top.indices))
+    torch.testing.assert_close(rebuilt, probs**0.5 / (probs**0.5).sum(dim=1, keepdim=True))
+    assert cached(mixed_images, rebuilt) is rebuilt
 
 
 class RecordingLoss(DistillationLoss):
@@ -105,17 +132,18 @@ class RecordingLoss(DistillationLoss):
 
 
 class IndexedLoader:
-    """Fixed in-memory batches that carry the (view, sample) keys a cache is read by."""
+    """Fixed in-memory batches that carry their teacher top-k from a cache (view 0)."""
 
-    def __init__(self, images, labels, batch_size):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
+    def __init__(self, images, labels, batch_size, cache):
+        self.images, self.labels, self.batch_size, self.cache = images, labels, batch_size, cache
         self.steps_per_epoch, self.bad_files = len(images) // batch_size, set()
 
     def epoch(self, epoch, start_step=0, start_item=None):
         for step in range(start_step, self.steps_per_epoch):
             rows = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+            values, indices = self.cache.topk(torch.zeros_like(rows), rows)
             yield SimpleNamespace(images=self.images[rows], labels=self.labels[rows],
-                                  samples=rows, views=torch.zeros_like(rows))
+                                  teacher_values=values, teacher_indices=indices)
 
 
 def test_a_short_distilled_run_decreases_both_losses(tmp_path):
@@ -125,8 +153,9 @@ def test_a_short_distilled_run_decreases_both_losses(tmp_path):
     images = torch.randn(classes, 3, 32, 32)[labels] + 0.5 * torch.randn(n, 3, 32, 32)
     # a teacher that disagrees with the labels: the distillation head must learn its rule
     header = manifest_header(dataset_fingerprint="", num_samples=n, seed=0, plan={},
-                             num_classes=classes, teacher="rule", teacher_checkpoint_sha256="",
-                             num_views=1, topk=2, shard_size=n)
+                             repeats=1, num_classes=classes, teacher="rule",
+                             teacher_checkpoint_sha256="", num_views=1, topk=2, epochs=1,
+                             views_backend="torch", shard_size=n, forwards=n)
     writer = ShardWriter(tmp_path / "cache", header)
     values = np.log(np.tile([[0.9, 0.05]], (n, 1)))
     indices = torch.stack([(labels + 1) % classes, labels], dim=1).numpy()
@@ -143,9 +172,9 @@ def test_a_short_distilled_run_decreases_both_losses(tmp_path):
     loss = RecordingLoss("hard", alpha=0.5)
     loss.seen = []
     mix = Mixup(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=classes)
-    trainer = Trainer(cfg, model, IndexedLoader(images, labels, 16), None, loss, mix,
+    trainer = Trainer(cfg, model, IndexedLoader(images, labels, 16, cache), None, loss, mix,
                       torch.device("cpu"), tmp_path / "run",
-                      teacher_targets=lambda batch: cache.targets(batch.views, batch.samples))
+                      teacher_targets=TeacherTargets("hard", 1.0, classes))
     trainer.fit()
     trainer.close()
     seen = np.array(loss.seen)

@@ -15,6 +15,7 @@ from deit_fast.evaluate import evaluate
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.ops import KernelChoice
+from deit_fast.teacher import TeacherTargets
 from deit_fast.train import Trainer
 
 aten = torch.ops.aten
@@ -53,15 +54,18 @@ class SyncCount(TorchDispatchMode):
 
 
 class Loader:
-    """Fixed batches on the device, with per-sample teacher targets (a cache's, looked up)."""
+    """Fixed batches on the device, carrying a teacher cache's top-3 as the loaders do."""
 
     def __init__(self, steps: int, batch: int, device: str, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.batches = [SimpleNamespace(
-            images=torch.randn(batch, 3, 32, 32, generator=g).to(device),
-            labels=torch.randint(0, CLASSES, (batch,), generator=g).to(device),
-            teacher=torch.softmax(torch.randn(batch, CLASSES, generator=g), -1).to(device))
-            for _ in range(steps)]
+        self.batches = []
+        for _ in range(steps):
+            top = torch.log_softmax(torch.randn(batch, CLASSES, generator=g), -1).topk(3, -1)
+            self.batches.append(SimpleNamespace(
+                images=torch.randn(batch, 3, 32, 32, generator=g).to(device),
+                labels=torch.randint(0, CLASSES, (batch,), generator=g).to(device),
+                teacher_values=top.values.half().to(device),
+                teacher_indices=top.indices.to(device)))
         self.steps_per_epoch, self.bad_files = steps, set()
 
     def epoch(self, epoch, start_step=0, start_item=None):
@@ -83,7 +87,7 @@ def make_trainer(tmp_path, loader, *overrides, device="cpu", kernels=None, **sha
                 num_classes=CLASSES)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     return Trainer(cfg, model, loader, None, criterion, mix, torch.device(device), tmp_path,
-                   teacher_targets=lambda batch: batch.teacher)
+                   teacher_targets=TeacherTargets(cfg.distill.type, cfg.distill.tau, CLASSES))
 
 
 def run_steps(trainer, batches):
@@ -202,7 +206,7 @@ def _after_one_update(tmp_path, batch_size, accum):
     loader = Loader(32 // batch_size, batch_size, "cpu")
     big = Loader(1, 32, "cpu")  # the same 32 images, in one batch or split
     for i, part in enumerate(loader.batches):
-        for name in ("images", "labels", "teacher"):
+        for name in ("images", "labels", "teacher_values", "teacher_indices"):
             setattr(part, name, getattr(big.batches[0], name)[i * batch_size:][:batch_size])
     trainer = make_trainer(tmp_path, loader, f"data.batch_size={batch_size}",
                            f"train.accum_steps={accum}", "model.drop_path=0.0",

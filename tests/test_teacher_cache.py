@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +20,15 @@ from data_pipeline.teacher_cache import (
 )
 from deit_fast.cache_teacher import cache_teacher
 from deit_fast.config import ConfigError, load_config
-from deit_fast.run import build_teacher_targets, plan_params
-from tests.helpers import write_tiny_imagefolder
-
-TEACHER = "test_efficientnet"  # timm's ~100k-parameter test convnet: cheap on the CPU
+from deit_fast.recipe import plan_params
+from deit_fast.run import open_teacher_cache
+from tests.helpers import TEACHER, teacher_setup
 
 
 def header(**changes):
     fields = dict(dataset_fingerprint="abc", num_samples=7, seed=0, plan={"image_size": 32},
-                  num_classes=5, teacher="t", teacher_checkpoint_sha256="00", num_views=3,
-                  topk=2, shard_size=3)
+                  repeats=1, num_classes=5, teacher="t", teacher_checkpoint_sha256="00",
+                  num_views=3, topk=2, epochs=3, views_backend="torch", shard_size=3, forwards=21)
     return manifest_header(**{**fields, **changes})
 
 
@@ -93,7 +94,8 @@ def test_corrupted_and_truncated_shards_are_named(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("dataset_fingerprint", "other"), ("seed", 1), ("plan", {"image_size": 64}),
     ("num_classes", 6), ("teacher", "other"), ("teacher_checkpoint_sha256", "11"),
-    ("num_views", 4), ("topk", 3), ("num_samples", 8),
+    ("num_views", 4), ("topk", 3), ("num_samples", 8), ("repeats", 3), ("epochs", 6),
+    ("views_backend", "dali-cpu"),
 ])
 def test_manifest_mismatch_names_the_field(tmp_path, field, value):
     write_random_cache(tmp_path)
@@ -112,27 +114,24 @@ def test_rebuilt_distribution_spreads_the_rest():
 
 
 # ------------------------------------------------------------------ the cache pass
-def teacher_setup(tmp_path: Path, *extra: str):
-    """A tiny image folder, a random timm teacher on disk, and a config caching it."""
-    data = tmp_path / "data"
-    if not data.exists():
-        write_tiny_imagefolder(data, classes=3, per_class=5, size=36)
-    checkpoint = tmp_path / "teacher.pt"
-    if not checkpoint.exists():
-        torch.manual_seed(0)
-        torch.save(timm.create_model(TEACHER, num_classes=3).state_dict(), checkpoint)
-    return load_config(None, [
-        "model.name=deit_micro_distilled_patch4_32", f"data.path={data}", "data.num_workers=0",
-        "data.repeats=2", "data.rand_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25",
-        "data.eval_batch_size=4", "train.epochs=1", "train.progress=false", "train.device=cpu",
-        f"distill.teacher={TEACHER}", f"distill.teacher_checkpoint={checkpoint}",
-        f"distill.cache_dir={tmp_path / 'cache'}", "distill.num_views=3", "distill.topk=2",
-        "distill.shard_size=6", "distill.type=hard", "distill.source=cache",
-        f"train.output_dir={tmp_path / 'run'}", *extra])
-
-
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
+
+
+def cached_pairs(folder: Path) -> set[tuple[int, int]]:
+    """The (view, sample) pairs whose teacher top-k the cache holds (not NOT_SHOWN rows)."""
+    cache = TeacherCache(folder)
+    views, samples = np.meshgrid(np.arange(cache.num_views), np.arange(cache.num_samples),
+                                 indexing="ij")
+    pairs = set()
+    for v, s in zip(views.ravel(), samples.ravel()):
+        try:
+            cache.topk([v], [s])
+        except TeacherCacheError as err:
+            assert "has no entry" in str(err)
+            continue
+        pairs.add((int(v), int(s)))
+    return pairs
 
 
 def test_interrupted_pass_resumes_to_identical_shards(tmp_path, monkeypatch):
@@ -171,23 +170,55 @@ def test_ranks_split_the_work(tmp_path):
     assert TeacherCache(tmp_path / "cache").manifest["complete"]
 
 
-def test_cached_topk_is_the_teacher_on_the_students_view(tmp_path):
-    cfg = teacher_setup(tmp_path)
+def replay_reads(cfg, batch_size: int) -> list[set[tuple[int, int]]]:
+    """The (view, sample) pairs a run of cfg reads, epoch by epoch, through its real loader."""
+    index = DatasetIndex.from_folder(cfg.data.path, split="train")
+    loader = build_train_loader(index, plan_params(cfg), batch_size=batch_size,
+                                seed=cfg.train.seed, repeats=cfg.data.repeats, num_workers=0,
+                                num_views=cfg.distill.num_views)
+    return [{(int(v), int(s)) for batch in loader.epoch(e)
+             for v, s in zip(batch.views, batch.samples)} for e in range(cfg.train.epochs)]
+
+
+@pytest.mark.parametrize("num_views", [None, 2])
+def test_the_cache_holds_exactly_what_the_run_reads(tmp_path, num_views):
+    """15 images, R = 2, 4 epochs: each epoch reads 14 (sample, repeat) pairs, so a full
+    cache is 4 x 14 teacher forwards (the old rule, E x R views of all N, was 8 x 15)."""
+    views = ["distill.num_views=null"] if num_views is None else [f"distill.num_views={num_views}"]
+    cfg = teacher_setup(tmp_path, "train.epochs=4", "data.repeats=2", *views)
+    cache_teacher(cfg)
+    manifest = TeacherCache(cfg.distill.cache_dir).manifest
+    cached = cached_pairs(Path(cfg.distill.cache_dir))
+    reads = replay_reads(cfg, batch_size=7)  # 7 divides the 14 items of an epoch
+    read = set().union(*reads)
+    assert read == cached  # used / cached = 1.0
+    assert manifest["forwards"] == len(cached)
+    if num_views is None:
+        assert manifest["num_views"] == 4 and len(cached) == 4 * 14
+    else:  # two views reused over two cycles, as FKD does: fewer forwards than showings
+        assert manifest["num_views"] == 2 and len(cached) < 4 * 14
+    # another batch size drops the last partial step of each epoch, and reads nothing more
+    reads = replay_reads(cfg, batch_size=4)
+    assert set().union(*reads) <= cached
+    assert all(len(r) >= 12 for r in reads)
+
+
+def test_targets_travel_with_the_batch_and_are_the_teacher_on_its_view(tmp_path):
+    cfg = teacher_setup(tmp_path, "train.epochs=4")  # V = 3 < 4 views: views wrap mod 3
     cache = TeacherCache(cache_teacher(cfg))
     teacher = timm.create_model(TEACHER, num_classes=3)
     teacher.load_state_dict(torch.load(cfg.distill.teacher_checkpoint, weights_only=True))
     teacher.eval()
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
     loader = build_train_loader(index, plan_params(cfg), batch_size=4, seed=cfg.train.seed,
-                                repeats=2, num_workers=0, num_views=3)
+                                repeats=2, num_workers=1, num_views=3, teacher_cache=cache)
     checked = set()
-    for epoch in (0, 1):  # views 0, 1, then 2, 0 (mod 3)
+    for epoch in (0, 2):  # views 0, 1, then 2, 3 mod 3 = 0
         batch = next(iter(loader.epoch(epoch)))
         with torch.no_grad():
             expected = torch.log_softmax(teacher(batch.images), dim=-1).topk(2)
-        values, indices = cache.topk(batch.views, batch.samples)
-        torch.testing.assert_close(values, expected.values, atol=2e-3, rtol=2e-3)
-        torch.testing.assert_close(indices, expected.indices)
+        torch.testing.assert_close(batch.teacher_values, expected.values, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(batch.teacher_indices, expected.indices)
         checked |= set(batch.views.tolist())
     assert checked == {0, 1, 2}
 
@@ -196,13 +227,52 @@ def test_run_refuses_a_cache_of_another_seed_and_names_it(tmp_path):
     cfg = teacher_setup(tmp_path)
     cache_teacher(cfg)
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
-    assert build_teacher_targets(cfg, index, torch.device("cpu")) is not None
+    cpu = torch.device("cpu")
+    assert open_teacher_cache(cfg, index, cpu) is not None
     other = teacher_setup(tmp_path, "train.seed=1")
     with pytest.raises(TeacherCacheMismatch, match="field 'seed' is 0 in the cache, 1 in the run"):
-        build_teacher_targets(other, index, torch.device("cpu"))
+        open_teacher_cache(other, index, cpu)
     other = teacher_setup(tmp_path, "data.scale=[0.5,1.0]")
     with pytest.raises(TeacherCacheMismatch, match="field 'plan'"):
-        build_teacher_targets(other, index, torch.device("cpu"))
+        open_teacher_cache(other, index, cpu)
+    other = teacher_setup(tmp_path, "train.epochs=2", "distill.num_views=3")
+    with pytest.raises(TeacherCacheMismatch, match="field 'epochs' is 1 in the cache, 2 in"):
+        open_teacher_cache(other, index, cpu)
+
+
+def test_a_cache_of_another_decoder_is_refused_unless_allowed(tmp_path):
+    cfg = teacher_setup(tmp_path)
+    cache_teacher(cfg)
+    index = DatasetIndex.from_folder(cfg.data.path, split="train")
+    dali = teacher_setup(tmp_path, "data.backend=dali")
+    with pytest.raises(TeacherCacheMismatch,
+                       match="field 'views_backend' is 'torch' in the cache, 'dali-cpu' in the"):
+        open_teacher_cache(dali, index, torch.device("cpu"))
+    allowed = teacher_setup(tmp_path, "data.backend=dali", "distill.allow_backend_mismatch=true")
+    with pytest.warns(UserWarning, match="field 'views_backend'"):
+        assert open_teacher_cache(allowed, index, torch.device("cpu")) is not None
+
+
+def test_dali_cpu_cache_is_the_teacher_on_the_students_dali_views(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    cfg = teacher_setup(tmp_path, "data.backend=dali", "data.num_workers=1")
+    cache = TeacherCache(cache_teacher(cfg))
+    assert cache.manifest["views_backend"] == "dali-cpu"
+    teacher = timm.create_model(TEACHER, num_classes=3)
+    teacher.load_state_dict(torch.load(cfg.distill.teacher_checkpoint, weights_only=True))
+    teacher.eval()
+    index = DatasetIndex.from_folder(cfg.data.path, split="train")
+    loader = build_train_loader(index, plan_params(cfg), batch_size=4, seed=cfg.train.seed,
+                                repeats=2, num_workers=1, backend="dali", num_views=3,
+                                teacher_cache=cache)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 3
+    for batch in batches:
+        with torch.no_grad():
+            expected = torch.log_softmax(teacher(batch.images), dim=-1).topk(2)
+        torch.testing.assert_close(batch.teacher_values, expected.values, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(batch.teacher_indices, expected.indices)
+        assert batch.teacher_values.shape == (4, 2)
 
 
 def test_cache_config_keys_are_checked():
@@ -214,18 +284,26 @@ def test_cache_config_keys_are_checked():
         load_config(None, ["distill.num_views=0"])
 
 
-def test_cache_teacher_command(tmp_path, capsys):
-    from deit_fast.cli import main
-
+def test_a_failed_pass_does_not_block_the_corrected_command(tmp_path):
+    """Through the real command line: a mistyped teacher, then the corrected command."""
     cfg = teacher_setup(tmp_path)
     common = ["model.name=deit_micro_distilled_patch4_32", f"data.path={cfg.data.path}",
-              "data.num_workers=0", "train.progress=false", "distill.num_views=1",
-              "distill.topk=2", f"distill.cache_dir={tmp_path / 'cli'}"]
-    assert main(["cache-teacher", *common]) == 2
-    assert "distill.teacher: cache-teacher needs it" in capsys.readouterr().err
-    teacher = [f"distill.teacher={TEACHER}",
-               f"distill.teacher_checkpoint={cfg.distill.teacher_checkpoint}"]
-    assert main(["cache-teacher", *common, *teacher, "distill.topk=4"]) == 2
-    assert "distill.topk: 4 is more than the 3 classes" in capsys.readouterr().err
-    assert main(["cache-teacher", *common, *teacher]) == 0
-    assert TeacherCache(tmp_path / "cli").manifest["teacher"] == TEACHER
+              "data.num_workers=0", "train.progress=false", "train.epochs=1", "data.repeats=2",
+              "distill.topk=2", f"distill.cache_dir={tmp_path / 'cli'}",
+              f"distill.teacher_checkpoint={cfg.distill.teacher_checkpoint}"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "deit_fast", "cache-teacher", *common, *args],
+                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+
+    wrong = cli("distill.teacher=test_efficientnetz")
+    assert wrong.returncode == 2 and "unknown model 'test_efficientnetz'" in wrong.stderr
+    topk = cli(f"distill.teacher={TEACHER}", "distill.topk=4")
+    assert topk.returncode == 2 and "distill.topk: 4 is more than the 3 classes" in topk.stderr
+    # an interrupted pass of another teacher left an incomplete manifest: it is replaced
+    ShardWriter(tmp_path / "cli", header(teacher="another"))
+    done = cli(f"distill.teacher={TEACHER}")
+    assert done.returncode == 0, done.stderr
+    assert "14 teacher forwards (2 views of 15 images" in done.stdout  # 1 epoch: 2 x 7
+    manifest = TeacherCache(tmp_path / "cli").manifest
+    assert manifest["teacher"] == TEACHER and manifest["forwards"] == 14
