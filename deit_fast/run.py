@@ -74,11 +74,11 @@ def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device
             f"teacher cache {d.cache_dir} does not match this run: field 'epochs' is "
             f"{cache.manifest['epochs']} in the cache, {cfg.train.epochs} in the run (it holds "
             f"the views of its epochs only); {PRODUCE_HINT}")
-    _warn_view_reuse(cfg)
+    warn_view_reuse(cfg)
     return cache
 
 
-def _warn_view_reuse(cfg: Config) -> None:
+def warn_view_reuse(cfg: Config) -> None:
     """A cache of fewer views than the run shows makes views repeat: say so, once."""
     from data_pipeline.sampler import full_views
 

@@ -21,7 +21,7 @@ from deit_fast.cli import main
 from deit_fast.distributed import StopRequest
 from deit_fast.metrics import plot_curves, read_metrics
 from deit_fast.models import CheckpointMismatch, create_model, load_checkpoint
-from deit_fast.run import cached_views, train
+from deit_fast.run import train, warn_view_reuse
 from tests.helpers import overrides, tensor_trainer, tiny_config, write_tiny_imagefolder
 
 
@@ -271,11 +271,15 @@ def test_bad_image_error_policy_is_one_line_naming_the_file(tmp_path, capfd, bac
 
 def test_warnings_for_reused_cache_views_and_a_warmup_longer_than_the_run(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "run", "distill.type=hard", "distill.source=cache",
-                      f"distill.cache_dir={tmp_path}", "distill.num_views=4", "train.epochs=3",
+                      f"distill.cache_dir={tmp_path}", "distill.num_views=2", "train.epochs=3",
                       "data.repeats=2")
-    with pytest.warns(UserWarning, match=r"holds 4 views, this run draws 6 .*views repeat from "
-                                         r"epoch 2"):
-        assert cached_views(cfg) == 4
+    with pytest.warns(UserWarning, match=r"holds 2 views, this run shows 4 .*views repeat"):
+        warn_view_reuse(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a full cache: one fresh view per showing, no warning
+        warn_view_reuse(tiny_config(tmp_path, tmp_path / "run", "distill.type=hard",
+                                    "distill.source=cache", f"distill.cache_dir={tmp_path}",
+                                    "train.epochs=3", "data.repeats=2"))
     with pytest.warns(UserWarning, match=r"optim.warmup_epochs=5 is as long as the whole run"):
         tensor_trainer(tmp_path / "warm", (), "optim.warmup_epochs=5").close()
 
