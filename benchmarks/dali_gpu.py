@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from benchmarks.data import make_imagenet_like  # noqa: E402
 from benchmarks.run_info import file_stem, run_meta  # noqa: E402
 from data_pipeline import DatasetIndex, PlanParams, TrainBatch, build_train_loader  # noqa: E402
+from deit_fast.config import Config  # noqa: E402
+from deit_fast.run import plan_params  # noqa: E402
 
 _REPEATS = 3
 
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("benchmarks/dali_gpu.py: no CUDA GPU; --smoke runs the CPU graph", file=sys.stderr)
         return 2
-    params = PlanParams()  # the DeiT recipe: 224 px, rand-m9-mstd0.5-inc1, erasing 0.25
+    params = plan_params(Config())  # the DeiT recipe: 224 px, rand-m9-mstd0.5-inc1, erasing 0.25
 
     with tempfile.TemporaryDirectory() as scratch:
         index = make_tree(Path(scratch), args.images, args.unique)

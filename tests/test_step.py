@@ -184,7 +184,8 @@ def test_compiled_losses_equal_eager(tmp_path):
     for mode in ("none", "default"):
         loader = Loader(20, 8, "cpu")
         trainer = make_trainer(tmp_path / mode, loader, f"train.compile={mode}",
-                               "model.drop_path=0.0", "optim.warmup_epochs=0")
+                               "model.drop_path=0.0", "optim.warmup_epochs=0",
+                               "optim.lr=2e-3")
         start = trainer.model.head.weight.detach().clone()
         losses = [loss for loss, _, _ in run_steps(trainer, loader.batches)]
         val = [(b.images, b.labels) for b in loader.batches[:2]]
