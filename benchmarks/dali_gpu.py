@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from benchmarks.data import make_imagenet_like  # noqa: E402
 from benchmarks.run_info import file_stem, run_meta  # noqa: E402
-from data_pipeline import DatasetIndex, PlanParams, TrainBatch, build_train_loader  # noqa: E402
+from deit_fast.data_pipeline import DatasetIndex, PlanParams, TrainBatch, build_train_loader  # noqa: E402
 
 _REPEATS = 3
 

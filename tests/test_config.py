@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_pipeline import PlanParams
-from data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
 from deit_fast.config import CHOICES, Config, ConfigError, load_config, save_config, to_dict
+from deit_fast.data_pipeline import PlanParams
+from deit_fast.data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
 from deit_fast.demo import demo_config
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss
 from deit_fast.ops import ATTENTION, GELU, LAYERNORM, KernelChoice
