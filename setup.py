@@ -6,7 +6,13 @@ setup(
     description="Fast, trustworthy training of DeiT vision transformers: Triton kernels, "
     "a GPU data pipeline and a cached teacher.",
     python_requires=">=3.10",
-    packages=["kernels", "deit_fast", "deit_fast.models", "data_pipeline"],
+    # The repository's top-level kernels/, data_pipeline/ and configs/ install inside
+    # deit_fast, so that no top-level `kernels` or `data_pipeline` collides with PyPI's.
+    packages=["deit_fast", "deit_fast.models", "deit_fast.kernels", "deit_fast.data_pipeline",
+              "deit_fast.configs"],
+    package_dir={"deit_fast.kernels": "kernels", "deit_fast.data_pipeline": "data_pipeline",
+                 "deit_fast.configs": "configs"},
+    package_data={"deit_fast.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "torchvision",

@@ -88,7 +88,7 @@ def _cases(quick: bool):
     """(label, run) pairs; each run calls ops of kernels/ forward and backward on CPU tensors."""
     import torch
 
-    import kernels
+    from deit_fast import kernels
 
     names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -172,11 +172,11 @@ def _launchable_kernels() -> set[tuple[str, str]]:
 
     from triton.runtime.jit import JITFunction
 
-    import kernels
+    from deit_fast import kernels
 
     found = set()
     for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
+        module = importlib.import_module(f"deit_fast.kernels.{info.name}")
         found |= {(module.__name__, name) for name, value in vars(module).items()
                   if isinstance(value, JITFunction) and name.endswith("_kernel")}
     return found

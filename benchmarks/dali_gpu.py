@@ -41,8 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from benchmarks.data import make_imagenet_like  # noqa: E402
 from benchmarks.run_info import file_stem, run_meta  # noqa: E402
-from data_pipeline import DatasetIndex, PlanParams, TrainBatch, build_train_loader  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
+from deit_fast.data_pipeline import (  # noqa: E402
+    DatasetIndex,
+    PlanParams,
+    TrainBatch,
+    build_train_loader,
+)
 from deit_fast.run import plan_params  # noqa: E402
 
 _REPEATS = 3

@@ -26,8 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipeline import DatasetIndex, build_train_loader  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
+from deit_fast.data_pipeline import DatasetIndex, build_train_loader  # noqa: E402
 from deit_fast.run import plan_params  # noqa: E402
 
 PHOTOS = (

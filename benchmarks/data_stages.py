@@ -35,13 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data import cpu_seconds, make_imagenet_like, report  # noqa: E402
 
-from data_pipeline import DatasetIndex, PlanParams  # noqa: E402
-from data_pipeline.dataset import probe_image  # noqa: E402
-from data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E402
-from data_pipeline.plan import RA_OPS, AugmentationPlan  # noqa: E402
-from data_pipeline.sampler import RepeatedAugSampler  # noqa: E402
-from data_pipeline.torch_loader import TrainViews, normalize  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
+from deit_fast.data_pipeline import DatasetIndex, PlanParams  # noqa: E402
+from deit_fast.data_pipeline.dataset import probe_image  # noqa: E402
+from deit_fast.data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E402
+from deit_fast.data_pipeline.plan import RA_OPS, AugmentationPlan  # noqa: E402
+from deit_fast.data_pipeline.sampler import RepeatedAugSampler  # noqa: E402
+from deit_fast.data_pipeline.torch_loader import TrainViews, normalize  # noqa: E402
 from deit_fast.run import plan_params  # noqa: E402
 
 # one mid-strength parameter per op (magnitude 9 of 10, as the recipe's rand-m9)
@@ -88,8 +88,8 @@ def dali_stages(index, inputs: Inputs, args) -> dict[str, float]:
     """CPU ms per image of each stage of the DALI CPU graph."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from data_pipeline import dali
-    from data_pipeline.dali_augment import dali_params, rand_augment_ops
+    from deit_fast.data_pipeline import dali
+    from deit_fast.data_pipeline.dali_augment import dali_params, rand_augment_ops
 
     params = inputs.plan.params
     sampler = RepeatedAugSampler(len(index), args.batch_size, repeats=3, rank=0, world_size=1)

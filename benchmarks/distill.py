@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, not benchmarks/
 
-from data_pipeline import Mixup  # noqa: E402
-from data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
+from deit_fast.data_pipeline import Mixup  # noqa: E402
+from deit_fast.data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header  # noqa: E402
 from deit_fast.losses import DistillationLoss  # noqa: E402
 from deit_fast.models import MODEL_SPECS, create_model  # noqa: E402
 from deit_fast.teacher import TeacherTargets  # noqa: E402

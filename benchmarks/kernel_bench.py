@@ -158,7 +158,7 @@ def _cases(shape: Shape, cfg: Settings, impls: dict[str, dict[str, Callable]]):
 
 
 def _implementations(cfg: Settings) -> dict[str, dict[str, Callable]]:
-    import kernels
+    from deit_fast import kernels
 
     def compiled(fn: Callable) -> Callable:
         return torch.compile(fn, backend=cfg.compile_backend)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = cuda_or_smoke("kernel_bench.py", args.smoke, "tiny shapes")
     if on_cuda is None:
         return 2
-    import kernels
+    from deit_fast import kernels
 
     device = torch.device("cuda" if on_cuda else "cpu")
     runnable, why = kernels.triton_runnable(device)

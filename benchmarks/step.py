@@ -52,9 +52,9 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
-from data_pipeline import Mixup  # noqa: E402
 from deit_fast import flops as step_flops  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
+from deit_fast.data_pipeline import Mixup  # noqa: E402
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402

@@ -5,18 +5,18 @@ AugmentationPlan (every random decision of a view, keyed by (seed, view, sample)
 a loader backend (DALI or torch) that applies the plan -> Mixup on the device.
 """
 
-from data_pipeline.check import check_dataset
-from data_pipeline.dataset import BadImageError, DatasetIndex
-from data_pipeline.loader import TrainBatch, build_train_loader, build_val_loader
-from data_pipeline.mixup import Mixup
-from data_pipeline.plan import (
+from .check import check_dataset
+from .dataset import BadImageError, DatasetIndex
+from .loader import TrainBatch, build_train_loader, build_val_loader
+from .mixup import Mixup
+from .plan import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     AugmentationPlan,
     PlanParams,
     ViewDecisions,
 )
-from data_pipeline.sampler import RepeatedAugSampler
+from .sampler import RepeatedAugSampler
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",

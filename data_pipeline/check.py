@@ -12,7 +12,7 @@ import os
 
 from PIL import Image
 
-from data_pipeline.dataset import (
+from .dataset import (
     IMAGE_EXTENSIONS,
     JPEG_TAIL,
     BadImageError,

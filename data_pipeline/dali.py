@@ -26,19 +26,19 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import select
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from data_pipeline.dali_augment import rand_augment_ops
-from data_pipeline.dali_source import (
+from .dali_augment import rand_augment_ops
+from .dali_source import (
     TEACHER_FIELDS,
     ListedKeys,
     SamplerKeys,
     TrainSource,
     ValSource,
 )
-from data_pipeline.dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
-from data_pipeline.plan import AugmentationPlan, replacement_sample
-from data_pipeline.sampler import RepeatedAugSampler
-from data_pipeline.teacher_cache import TeacherCache
-from data_pipeline.workers import workers_ignore_stop_signals
+from .dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
+from .plan import AugmentationPlan, replacement_sample
+from .sampler import RepeatedAugSampler
+from .teacher_cache import TeacherCache
+from .workers import workers_ignore_stop_signals
 
 _LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
 _BATCH_FIELDS = ("labels", "samples", "repeats", "views", *TEACHER_FIELDS)  # teacher: [B, k]

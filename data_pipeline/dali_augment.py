@@ -13,7 +13,7 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as dali_aug
 
-from data_pipeline.plan import RA_OPS
+from .plan import RA_OPS
 
 
 def dali_params(ra_op: np.ndarray, ra_param: np.ndarray) -> np.ndarray:

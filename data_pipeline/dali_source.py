@@ -15,11 +15,11 @@ import numpy as np
 from nvidia.dali import types
 from PIL import Image
 
-from data_pipeline.dali_augment import dali_params
-from data_pipeline.dataset import BadImageError, DatasetIndex, probe_image, read_or_replace
-from data_pipeline.plan import AugmentationPlan, replacement_sample
-from data_pipeline.sampler import RepeatedAugSampler
-from data_pipeline.teacher_cache import TeacherCache
+from .dali_augment import dali_params
+from .dataset import BadImageError, DatasetIndex, probe_image, read_or_replace
+from .plan import AugmentationPlan, replacement_sample
+from .sampler import RepeatedAugSampler
+from .teacher_cache import TeacherCache
 
 _SOURCE_OUTPUTS = (
     "encoded",

@@ -7,19 +7,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from data_pipeline.dataset import DatasetIndex
-from data_pipeline.plan import (
+from .dataset import DatasetIndex
+from .plan import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     AugmentationPlan,
     PlanParams,
 )
-from data_pipeline.sampler import RepeatedAugSampler
+from .sampler import RepeatedAugSampler
 
 if TYPE_CHECKING:  # the backends load lazily: DALI is optional
-    from data_pipeline.dali import DaliTrainLoader, DaliValLoader
-    from data_pipeline.teacher_cache import TeacherCache
-    from data_pipeline.torch_loader import TorchTrainLoader, TorchValLoader
+    from .dali import DaliTrainLoader, DaliValLoader
+    from .teacher_cache import TeacherCache
+    from .torch_loader import TorchTrainLoader, TorchValLoader
 
 BACKENDS = ("torch", "dali")
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -73,13 +73,13 @@ def build_train_loader(
     plan = AugmentationPlan(params, seed)
     sampler = RepeatedAugSampler(len(index), batch_size, repeats, seed, rank, world_size)
     if backend == "dali":
-        from data_pipeline.dali import DaliTrainLoader
+        from .dali import DaliTrainLoader
 
         return DaliTrainLoader(
             index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch,
             teacher_cache,
         )
-    from data_pipeline.torch_loader import TorchTrainLoader
+    from .torch_loader import TorchTrainLoader
 
     return TorchTrainLoader(
         index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch,
@@ -105,7 +105,7 @@ def build_val_loader(
     _check_choices(backend, on_bad_image)
     device = device or torch.device("cpu")
     if backend == "dali":
-        from data_pipeline.dali import DaliValLoader
+        from .dali import DaliValLoader
 
         return DaliValLoader(
             index,
@@ -120,7 +120,7 @@ def build_val_loader(
             mean,
             std,
         )
-    from data_pipeline.torch_loader import TorchValLoader, ValImages
+    from .torch_loader import TorchValLoader, ValImages
 
     images = ValImages(index, image_size, crop_pct, mean, std, on_bad_image)
     return TorchValLoader(images, batch_size, rank, world_size, num_workers, device)

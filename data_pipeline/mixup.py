@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.keyed_random import generator
+from .keyed_random import generator
 
 _STREAM = 2  # keeps mixup draws apart from the plan and the sampler under the same seed
 

@@ -13,7 +13,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from data_pipeline.plan import RA_OPS
+from .plan import RA_OPS
 
 
 def _affine(img: Image.Image, coeffs: tuple, fill: tuple[int, int, int]) -> Image.Image:

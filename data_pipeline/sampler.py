@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data_pipeline.keyed_random import generator
+from .keyed_random import generator
 
 _STREAM = 1  # keeps sampler permutations apart from plan keys that share the seed
 

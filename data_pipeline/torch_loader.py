@@ -22,18 +22,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from data_pipeline.dataset import (
+from .dataset import (
     BadImageError,
     DatasetIndex,
     read_or_replace,
     read_rgb,
     warn_skipped,
 )
-from data_pipeline.pil_augment import augment_pil
-from data_pipeline.plan import AugmentationPlan, replacement_sample
-from data_pipeline.sampler import RepeatedAugSampler
-from data_pipeline.teacher_cache import TeacherCache
-from data_pipeline.workers import ignore_stop_signals
+from .pil_augment import augment_pil
+from .plan import AugmentationPlan, replacement_sample
+from .sampler import RepeatedAugSampler
+from .teacher_cache import TeacherCache
+from .workers import ignore_stop_signals
 
 
 def batch_as_is(batch: dict) -> dict:

@@ -1,3 +1,18 @@
-"""deit-fast: fast, trustworthy training of DeiT vision transformers."""
+"""deit-fast: fast, trustworthy training of DeiT vision transformers.
+
+The repository keeps the kernels, the data pipeline and the recipes in top-level folders
+(kernels/, data_pipeline/, configs/); they import as deit_fast.kernels,
+deit_fast.data_pipeline and deit_fast.configs both from a wheel, which installs them inside
+this package, and from a checkout, where this package's path also covers the folders beside
+it. No top-level `kernels` or `data_pipeline` is installed.
+"""
+
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+_HERE = Path(__file__).resolve().parent
+if not (_HERE / "kernels").is_dir() and (_HERE.parent / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_HERE.parent))  # a checkout: the sibling folders are subpackages
+
+CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"

@@ -61,7 +61,7 @@ class Head(nn.Module):
 
 def teacher_on_cached_views(cache_dir: Path, labels: np.ndarray) -> float:
     """Top-1 (%) of the cached teacher on every view it computed: the students' views."""
-    from data_pipeline.teacher_cache import NOT_SHOWN, TeacherCache
+    from deit_fast.data_pipeline.teacher_cache import NOT_SHOWN, TeacherCache
 
     cache = TeacherCache(cache_dir)
     hits = total = 0
@@ -77,8 +77,8 @@ def teacher_on_cached_views(cache_dir: Path, labels: np.ndarray) -> float:
 
 def _eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
     """Val top-1 of each head of the run's last weights."""
-    from data_pipeline import DatasetIndex, build_val_loader
     from deit_fast import checkpoint
+    from deit_fast.data_pipeline import DatasetIndex, build_val_loader
     from deit_fast.evaluate import evaluate
     from deit_fast.recipe import image_size
     from deit_fast.run import build_model
@@ -93,7 +93,7 @@ def _eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
 
 
 def _clean_train_top1(cfg: Any, teacher_path: Path) -> float:
-    from data_pipeline import DatasetIndex, build_val_loader
+    from deit_fast.data_pipeline import DatasetIndex, build_val_loader
     from deit_fast.evaluate import evaluate
     from deit_fast.recipe import image_size
     from deit_fast.teacher import load_teacher
@@ -115,8 +115,8 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
                  table: str | Path | None = TABLE) -> dict[str, Any]:
     """Train every row over every seed; write summary.json (and the markdown table, with
     the same numbers as JSON beside it)."""
-    from data_pipeline import DatasetIndex
     from deit_fast.cache_teacher import cache_teacher
+    from deit_fast.data_pipeline import DatasetIndex
     from deit_fast.run import train
 
     out = Path(output_dir)

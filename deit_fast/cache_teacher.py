@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_pipeline.dataset import DatasetIndex, warn_skipped
-from data_pipeline.plan import AugmentationPlan
-from data_pipeline.sampler import RepeatedAugSampler
-from data_pipeline.teacher_cache import NOT_SHOWN, ShardWriter, cache_bytes, sha256_file
 from deit_fast.config import Config, ConfigError
+from deit_fast.data_pipeline.dataset import DatasetIndex, warn_skipped
+from deit_fast.data_pipeline.plan import AugmentationPlan
+from deit_fast.data_pipeline.sampler import RepeatedAugSampler
+from deit_fast.data_pipeline.teacher_cache import NOT_SHOWN, ShardWriter, cache_bytes, sha256_file
 from deit_fast.recipe import (
     cache_header,
     data_root,
@@ -51,12 +51,12 @@ def _rendered(cfg: Config, index: DatasetIndex, plan: AugmentationPlan,
               ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(images on device, unreadable files replaced) for each batch of (view, sample) rows."""
     if cfg.data.backend == "dali":
-        from data_pipeline.dali import view_batches
+        from deit_fast.data_pipeline.dali import view_batches
 
         yield from view_batches(index, plan, batches, cfg.data.num_workers, device,
                                 cfg.data.on_bad_image)
         return
-    from data_pipeline.torch_loader import TrainViews, batch_as_is, finish
+    from deit_fast.data_pipeline.torch_loader import TrainViews, batch_as_is, finish
 
     dataset = TrainViews(index, plan, cfg.data.on_bad_image, finish_in_worker=device.type != "cuda")
     keys = [[(int(v), int(s), 0) for v, s in rows] for rows in batches]

@@ -63,8 +63,8 @@ def _run_benchmark(name: str, args: list[str]) -> int:
 
 
 def _check_data(root: str, full_decode: bool) -> int:
-    from data_pipeline import check_dataset
-    from data_pipeline.check import STOPS_TRAINING
+    from deit_fast.data_pipeline import check_dataset
+    from deit_fast.data_pipeline.check import STOPS_TRAINING
 
     problems = check_dataset(root, full_decode=full_decode)
     for path, reason in problems:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
+from deit_fast.data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
 from deit_fast.losses import DISTILL_TYPES
 from deit_fast.ops import ATTENTION, GELU, LAYERNORM
 
@@ -322,14 +322,33 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship with the package (configs/*.yaml)."""
+    from deit_fast import CONFIG_DIR
+
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A YAML file, or the name of a shipped recipe (`deit_small`, `demo`, ...)."""
+    from deit_fast import CONFIG_DIR
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and (CONFIG_DIR / f"{path.stem}.yaml").is_file() \
+            and path.suffix in ("", ".yaml"):
+        return CONFIG_DIR / f"{path.stem}.yaml"
+    raise ConfigError(f"config file {str(path)!r} does not exist, and it is not a shipped "
+                      f"recipe ({', '.join(shipped_recipes())})")
+
+
 def load_config(path: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML recipe (or the defaults), apply dotted overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = resolve_recipe(path)
         with open(path) as f:
             try:
                 raw = yaml.safe_load(f) or {}

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from deit_fast import CONFIG_DIR
 from deit_fast.config import Config, load_config
 
 # The recipe: configs/demo.yaml, the same file `deit-fast train --config` reads.
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_RECIPE = CONFIG_DIR / "demo.yaml"
 
 # The teacher: timm's ~370k-parameter test ResNet, trained here on the digits (nothing is
 # downloaded) through the same Trainer as the student; it reads digits better than the

@@ -43,7 +43,7 @@ def _triton_reason(device: torch.device) -> str | None:
     """None when Triton kernels can run for tensors on `device`, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
-    import kernels
+    from deit_fast import kernels
 
     runnable, reason = kernels.triton_runnable(device)
     return None if runnable else reason
@@ -74,7 +74,7 @@ def resolve_kernels(attention: str = "auto", layernorm: str = "auto", gelu: str 
 def attention(qkv: Tensor, num_heads: int, impl: str, scale: float | None = None) -> Tensor:
     """Packed qkv [B, N, 3*H*D] (timm's column layout) -> [B, N, H*D]."""
     if impl == "triton":
-        import kernels
+        from deit_fast import kernels
 
         return kernels.attention(qkv, num_heads, scale)
     batch, tokens, width = qkv.shape
@@ -92,7 +92,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Te
                impl: str) -> tuple[Tensor, Tensor]:
     """s = x + residual (the new residual stream) and y = LayerNorm(s); returns (y, s)."""
     if impl == "triton":
-        import kernels
+        from deit_fast import kernels
 
         return kernels.layer_norm(x, weight, bias, eps, residual)
     s = x if residual is None else x + residual
@@ -106,7 +106,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Te
 def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
     """gelu(x @ weight.T + bias), exact erf GELU; Triton adds the bias inside the GELU kernel."""
     if impl == "triton":
-        import kernels
+        from deit_fast import kernels
 
         return kernels.bias_gelu(F.linear(x, weight), bias)
     return F.gelu(F.linear(x, weight, bias))

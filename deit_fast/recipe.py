@@ -14,7 +14,7 @@ from deit_fast.config import Config
 from deit_fast.models import MODEL_SPECS
 
 if TYPE_CHECKING:
-    from data_pipeline import DatasetIndex, PlanParams
+    from deit_fast.data_pipeline import DatasetIndex, PlanParams
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,7 +41,7 @@ def image_size(cfg: Config) -> int:
 
 def plan_params(cfg: Config) -> PlanParams:
     """The augmentation plan's parameters: shared by training and the teacher cache."""
-    from data_pipeline import PlanParams
+    from deit_fast.data_pipeline import PlanParams
 
     d = cfg.data
     return PlanParams(image_size=image_size(cfg), scale=d.scale, ratio=d.ratio, hflip=d.hflip,
@@ -58,7 +58,7 @@ def views_backend(cfg: Config, device: torch.device) -> str:
 
 def num_views(cfg: Config) -> int:
     """V, the one rule: distill.num_views, or one view per showing of the planned run."""
-    from data_pipeline.sampler import full_views
+    from deit_fast.data_pipeline.sampler import full_views
 
     return cfg.distill.num_views or full_views(cfg.train.epochs, cfg.data.repeats)
 
@@ -66,7 +66,7 @@ def num_views(cfg: Config) -> int:
 def cache_header(cfg: Config, index: DatasetIndex, teacher_sha256: str, device: torch.device,
                  forwards: int = 0) -> dict[str, Any]:
     """The manifest identity of the cache this config asks for."""
-    from data_pipeline.teacher_cache import manifest_header
+    from deit_fast.data_pipeline.teacher_cache import manifest_header
 
     d = cfg.distill
     return manifest_header(

@@ -28,8 +28,8 @@ from deit_fast.teacher import TeacherTargets, load_teacher
 from deit_fast.train import PRECISION, Trainer
 
 if TYPE_CHECKING:
-    from data_pipeline import DatasetIndex
-    from data_pipeline.teacher_cache import TeacherCache
+    from deit_fast.data_pipeline import DatasetIndex
+    from deit_fast.data_pipeline.teacher_cache import TeacherCache
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> DeiT:
@@ -52,7 +52,7 @@ def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device
     dataset, seed, plan, repeats, classes, V, decoder (and teacher) and no fewer epochs."""
     if not uses_cache(cfg):
         return None
-    from data_pipeline.teacher_cache import (
+    from deit_fast.data_pipeline.teacher_cache import (
         PRODUCE_HINT,
         TeacherCache,
         TeacherCacheMismatch,
@@ -80,7 +80,7 @@ def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device
 
 def warn_view_reuse(cfg: Config) -> None:
     """A cache of fewer views than the run shows makes views repeat: say so, once."""
-    from data_pipeline.sampler import full_views
+    from deit_fast.data_pipeline.sampler import full_views
 
     views, fresh = num_views(cfg), full_views(cfg.train.epochs, cfg.data.repeats)
     if views < fresh:
@@ -93,7 +93,7 @@ def warn_view_reuse(cfg: Config) -> None:
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):
     """(train index, train loader, val loader, mixup) from the data_pipeline package; with
     a teacher cache, the train loader's workers attach its top-k to every batch."""
-    from data_pipeline import (
+    from deit_fast.data_pipeline import (
         DatasetIndex,
         Mixup,
         build_train_loader,
@@ -269,7 +269,7 @@ def evaluate_checkpoint(config_file: str | None, overrides: list[str], checkpoin
     """Top-1/top-5 of a checkpoint (deit-fast, timm or official DeiT) on data.path/val, with
     the precision, image size and model its training run evaluated with (eval_config);
     ema: the EMA weights of a deit-fast checkpoint. Equals training's own evaluation."""
-    from data_pipeline import DatasetIndex, build_val_loader
+    from deit_fast.data_pipeline import DatasetIndex, build_val_loader
     from deit_fast.evaluate import evaluate
     from deit_fast.models import CheckpointMismatch, read_state_dict
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from data_pipeline.teacher_cache import rebuild_distribution
+from deit_fast.data_pipeline.teacher_cache import rebuild_distribution
 from deit_fast.models import (
     MODEL_SPECS,
     CheckpointMismatch,

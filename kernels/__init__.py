@@ -7,10 +7,10 @@ import os
 
 import torch
 
-from kernels.attention import attention, attention_reference
-from kernels.bias_gelu import bias_gelu, bias_gelu_reference
-from kernels.layer_norm import layer_norm, layer_norm_reference
-from kernels.runtime import INTERPRETED
+from .attention import attention, attention_reference
+from .bias_gelu import bias_gelu, bias_gelu_reference
+from .layer_norm import layer_norm, layer_norm_reference
+from .runtime import INTERPRETED
 
 __all__ = [
     "attention",

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from kernels.runtime import INTERPRETED
+from .runtime import INTERPRETED
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)

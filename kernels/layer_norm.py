@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from kernels.runtime import row_programs_cap
+from .runtime import row_programs_cap
 
 _MAX_WIDTH = 8192
 _TILE_ELEMENTS = 4096

@@ -40,7 +40,7 @@ def poisoned_allocations(monkeypatch):
 def kernel_device():
     """Where the Triton kernels run here: CPU tensors under the interpreter, else the GPU.
     Tensors the test creates land there."""
-    from kernels import triton_runnable
+    from deit_fast.kernels import triton_runnable
 
     device = "cpu" if triton_runnable("cpu")[0] else "cuda"
     with torch.device(device):

@@ -16,9 +16,9 @@ import timm
 import torch
 from PIL import Image
 
-from data_pipeline import Mixup, PlanParams
 from deit_fast import checkpoint
 from deit_fast.config import Config, load_config, to_dict
+from deit_fast.data_pipeline import Mixup, PlanParams
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.run import plan_params
@@ -84,7 +84,7 @@ def overrides(data: Path, out: Path, *extra: str) -> list[str]:
 
 def seeded_eval(data: Path, rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """A fixed random micro DeiT evaluated on this rank's shard of data/val (batches of 4)."""
-    from data_pipeline import DatasetIndex, build_val_loader
+    from deit_fast.data_pipeline import DatasetIndex, build_val_loader
     from deit_fast.evaluate import evaluate
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("nvidia.dali")
 
-from data_pipeline.plan import RA_OPS  # noqa: E402
+from deit_fast.data_pipeline.plan import RA_OPS  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "data_stages.py"
 

@@ -3,13 +3,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_pipeline import PlanParams
-from data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
 from deit_fast.config import CHOICES, Config, ConfigError, load_config, save_config, to_dict
+from deit_fast.data_pipeline import PlanParams
+from deit_fast.data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
 from deit_fast.demo import demo_config
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss
 from deit_fast.ops import ATTENTION, GELU, LAYERNORM, KernelChoice
 from deit_fast.run import plan_params
+from tests.helpers import ROOT
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -120,3 +121,10 @@ def test_demo_yaml_is_the_built_in_recipe(tmp_path):
     cfg = load_config(CONFIGS / "demo.yaml",
                       [f"data.path={tmp_path / 'digits'}", f"train.output_dir={tmp_path / 'run'}"])
     assert cfg == demo_config(tmp_path)
+
+
+def test_a_shipped_recipe_loads_by_name_and_an_unknown_name_lists_them():
+    assert load_config("deit_small") == load_config(ROOT / "configs" / "deit_small.yaml")
+    with pytest.raises(ConfigError, match=r"'deit_smal' does not exist, and it is not a shipped "
+                                          r"recipe \(.*deit_small, deit_small_distilled"):
+        load_config("deit_smal")

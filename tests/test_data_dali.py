@@ -14,16 +14,16 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def  # noqa: E402
 from nvidia.dali.auto_aug.core import select  # noqa: E402
 
-from data_pipeline import (  # noqa: E402
+from deit_fast.data_pipeline import (  # noqa: E402
     BadImageError,
     DatasetIndex,
     PlanParams,
     build_train_loader,
     build_val_loader,
 )
-from data_pipeline.dali_augment import dali_params, rand_augment_ops  # noqa: E402
-from data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E402
-from data_pipeline.plan import RA_OPS  # noqa: E402
+from deit_fast.data_pipeline.dali_augment import dali_params, rand_augment_ops  # noqa: E402
+from deit_fast.data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E402
+from deit_fast.data_pipeline.plan import RA_OPS  # noqa: E402
 from tests.helpers import recipe_plan  # noqa: E402
 
 SIZE = 64

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import BadImageError, DatasetIndex, check_dataset
-from data_pipeline.dataset import jpeg_size, probe_image
+from deit_fast.data_pipeline import BadImageError, DatasetIndex, check_dataset
+from deit_fast.data_pipeline.dataset import jpeg_size, probe_image
 
 
 def _jpeg(path, size=(40, 30), mode="RGB", seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from timm.data.mixup import mixup_target
 
-from data_pipeline import Mixup
+from deit_fast.data_pipeline import Mixup
 
 B, C, S = 8, 5, 16
 

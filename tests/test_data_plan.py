@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 from torchvision.transforms import RandomResizedCrop
 
-from data_pipeline.plan import RA_OPS, AugmentationPlan, RandAugmentConfig
+from deit_fast.data_pipeline.plan import RA_OPS, AugmentationPlan, RandAugmentConfig
 from tests.helpers import recipe_plan
 
 
@@ -37,7 +37,8 @@ def test_same_key_same_decisions_whatever_the_batch():
 
 def test_same_decisions_in_another_process():
     code = (
-        "from data_pipeline.plan import AugmentationPlan; from tests.helpers import recipe_plan;"
+        "from deit_fast.data_pipeline.plan import AugmentationPlan;"
+        "from tests.helpers import recipe_plan;"
         "d = AugmentationPlan(recipe_plan(), 11).draw([2, 9], [5, 1234567], [375, 80], [500, 60]);"
         "print(d.crop.tolist(), d.flip.tolist(), d.ra_op.tolist(), d.ra_param.tolist(),"
         " d.erase.tolist())"

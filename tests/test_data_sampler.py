@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data_pipeline.sampler import RepeatedAugSampler, full_views
+from deit_fast.data_pipeline.sampler import RepeatedAugSampler, full_views
 
 
 def _all_ranks(n, batch, repeats, world, epoch, seed=0):

@@ -10,14 +10,14 @@ from PIL import Image
 from skimage import data as photos
 from torchvision.transforms import InterpolationMode
 
-from data_pipeline import (
+from deit_fast.data_pipeline import (
     AugmentationPlan,
     BadImageError,
     DatasetIndex,
     build_train_loader,
     build_val_loader,
 )
-from data_pipeline.torch_loader import TrainViews, erase, finish
+from deit_fast.data_pipeline.torch_loader import TrainViews, erase, finish
 from tests.helpers import recipe_plan
 
 SIZE = 48

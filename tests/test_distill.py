@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import Mixup
-from data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header
 from deit_fast.cache_teacher import cache_teacher
 from deit_fast.config import load_config
+from deit_fast.data_pipeline import Mixup
+from deit_fast.data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.run import train

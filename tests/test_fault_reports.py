@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.teacher_cache import _write_atomic
 from deit_fast import checkpoint
 from deit_fast.cli import main
+from deit_fast.data_pipeline.teacher_cache import _write_atomic
 from deit_fast.distributed import StopRequest
 from deit_fast.metrics import plot_curves, read_metrics
 from deit_fast.models import CheckpointMismatch, create_model, load_checkpoint

@@ -129,7 +129,7 @@ def test_dali_smoke_runs_the_loader_and_its_check(dry_run: tuple[Path, str]) -> 
 
 def test_dali_check_passes_rounding_and_flags_a_changed_image_or_sample() -> None:
     from benchmarks.dali_gpu import compare
-    from data_pipeline import PlanParams, TrainBatch
+    from deit_fast.data_pipeline import PlanParams, TrainBatch
 
     params = PlanParams()
     std = torch.tensor(params.std).view(1, 3, 1, 1) * 255

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import attention, attention_reference, triton_runnable
+from deit_fast.kernels import attention, attention_reference, triton_runnable
 
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},

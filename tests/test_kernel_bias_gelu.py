@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import bias_gelu, bias_gelu_reference
+from deit_fast.kernels import bias_gelu, bias_gelu_reference
 
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import layer_norm, layer_norm_reference
+from deit_fast.kernels import layer_norm, layer_norm_reference
 
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from deit_fast.models.deit import Attention, Block, LayerNorm, Mlp
-from kernels import (
+from deit_fast.kernels import (
     attention,
     attention_reference,
     bias_gelu,
@@ -18,6 +17,7 @@ from kernels import (
     layer_norm,
     layer_norm_reference,
 )
+from deit_fast.models.deit import Attention, Block, LayerNorm, Mlp
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_allocations")]
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from deit_fast.kernels import triton_runnable
 from deit_fast.models import create_model
 from deit_fast.ops import KernelChoice
-from kernels import triton_runnable
 
 # Interpreted on CPU tensors where TRITON_INTERPRET=1 (tests/conftest.py), else on the GPU.
 DEVICE = "cpu" if triton_runnable("cpu")[0] else "cuda"

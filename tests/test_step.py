@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data_pipeline import Mixup
 from deit_fast.config import ConfigError, load_config
+from deit_fast.data_pipeline import Mixup
 from deit_fast.evaluate import evaluate
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model

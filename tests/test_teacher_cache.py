@@ -8,8 +8,10 @@ import pytest
 import timm
 import torch
 
-from data_pipeline import DatasetIndex, build_train_loader
-from data_pipeline.teacher_cache import (
+from deit_fast.cache_teacher import cache_teacher
+from deit_fast.config import ConfigError, load_config
+from deit_fast.data_pipeline import DatasetIndex, build_train_loader
+from deit_fast.data_pipeline.teacher_cache import (
     MANIFEST,
     ShardWriter,
     TeacherCache,
@@ -18,8 +20,6 @@ from data_pipeline.teacher_cache import (
     manifest_header,
     rebuild_distribution,
 )
-from deit_fast.cache_teacher import cache_teacher
-from deit_fast.config import ConfigError, load_config
 from deit_fast.recipe import plan_params
 from deit_fast.run import open_teacher_cache
 from tests.helpers import TEACHER, teacher_setup

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import Mixup
 from deit_fast import checkpoint
 from deit_fast.config import load_config
+from deit_fast.data_pipeline import Mixup
 from deit_fast.distributed import Distributed
 from deit_fast.ema import ModelEma
 from deit_fast.losses import DistillationLoss

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import BadImageError, DatasetIndex, RepeatedAugSampler
-from data_pipeline.plan import replacement_sample
+from deit_fast.data_pipeline import BadImageError, DatasetIndex, RepeatedAugSampler
+from deit_fast.data_pipeline.plan import replacement_sample
 from deit_fast.run import train
 from tests.helpers import tiny_config, write_tiny_imagefolder
 
