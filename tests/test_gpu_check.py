@@ -129,9 +129,10 @@ def test_dali_smoke_runs_the_loader_and_its_check(dry_run: tuple[Path, str]) -> 
 
 def test_dali_check_passes_rounding_and_flags_a_changed_image_or_sample() -> None:
     from benchmarks.dali_gpu import compare
-    from deit_fast.data_pipeline import PlanParams, TrainBatch
+    from deit_fast.data_pipeline import TrainBatch
+    from tests.helpers import recipe_plan
 
-    params = PlanParams()
+    params = recipe_plan()
     std = torch.tensor(params.std).view(1, 3, 1, 1) * 255
     images = torch.randn(5, 3, 17, 19)
     ids = {k: torch.randint(0, 100, (5,)) for k in ("labels", "samples", "repeats", "views")}
