@@ -5,9 +5,10 @@ AugmentationPlan (every random decision of a view, keyed by (seed, view, sample)
 a loader backend (DALI or torch) that applies the plan -> Mixup on the device.
 """
 
+from .batch import TrainBatch
 from .check import check_dataset
 from .dataset import BadImageError, DatasetIndex
-from .loader import TrainBatch, build_train_loader, build_val_loader
+from .loader import build_train_loader, build_val_loader
 from .mixup import Mixup
 from .plan import (
     IMAGENET_DEFAULT_MEAN,
