@@ -105,9 +105,11 @@ class BadFiles:
     def report(self, views, requested, replaced) -> None:
         """Name the files a batch replaced: its views, requested samples and replacement
         counts (as the workers hand them back) rebuild each chain."""
+        views, requested, replaced = (np.asarray(a).reshape(-1)
+                                      for a in (views, requested, replaced))
         n, met = len(self.paths), []
-        rows = (np.asarray(a).reshape(-1).tolist() for a in (views, requested, replaced))
-        for view, sample, count in zip(*rows):
+        for i in np.flatnonzero(replaced).tolist():
+            view, sample, count = int(views[i]), int(requested[i]), int(replaced[i])
             chain = [sample] + [replacement_sample(self.seed, view, sample, a, n)
                                 for a in range(count)]
             met += [self.paths[s] for s in chain[:count] if self.paths[s] not in self.files]
