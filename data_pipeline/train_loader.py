@@ -2,7 +2,8 @@
 
 Keys. Each step's (views, requested samples, repeats) come from the sampler (`SamplerKeys`,
 views by `RepeatedAugSampler.views`) or, for the teacher-cache pass, from a list
-(`ListedKeys`); both are read by step in the workers.
+(`ListedKeys`); both are read by (epoch, step), as the torch batch sampler lists them and
+as DALI's source asks for them.
 
 Unreadable files. A worker reads a key's file or, when it is unreadable and on_bad_image
 is "skip", the first readable file of its replacement chain (`read_or_replace`, with
