@@ -42,6 +42,7 @@ from deit_fast.data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E
 from deit_fast.data_pipeline.plan import RA_OPS, AugmentationPlan  # noqa: E402
 from deit_fast.data_pipeline.sampler import RepeatedAugSampler  # noqa: E402
 from deit_fast.data_pipeline.torch_loader import TrainViews, normalize  # noqa: E402
+from deit_fast.data_pipeline.train_loader import SamplerKeys  # noqa: E402
 from deit_fast.run import plan_params  # noqa: E402
 
 # one mid-strength parameter per op (magnitude 9 of 10, as the recipe's rand-m9)
@@ -93,7 +94,7 @@ def dali_stages(index, inputs: Inputs, args) -> dict[str, float]:
 
     params = inputs.plan.params
     sampler = RepeatedAugSampler(len(index), args.batch_size, repeats=3, rank=0, world_size=1)
-    keys = dali.SamplerKeys(sampler, 0, 0, None)
+    keys = SamplerKeys(sampler, 0, 0, None)
     source = dali.TrainSource(index, inputs.plan, keys, "skip", frozenset())
     size, ra = params.image_size, params.rand_augment_config
     kw = {"batch_size": args.batch_size, "num_threads": args.threads, "device_id": None,

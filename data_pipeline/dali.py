@@ -8,12 +8,12 @@ fills constants only, so the plan's noise is fed as a box and padded into place 
 `slice`. Val: decode -> resize (sizes from the header, as torchvision computes them) ->
 centre crop -> normalize.
 
-Unreadable files are found by the header parse in the workers and replaced exactly as the
-torch loader does. A file whose header parses but whose body DALI cannot decode is named
-by a full PIL decode of the failing batch; the pipeline is then rebuilt at that step with
-the file marked bad, so a run loses nothing but that image. With on_bad_image=error the
-failing batch is read again here, so the error names the file in one line. The Python
-workers start with stop signals ignored (workers.py).
+Unreadable files are found by the header parse in the workers and replaced as
+train_loader.py does for both backends. A file whose header parses but whose body DALI
+cannot decode is named by a full PIL decode of the failing batch; the pipeline is then
+rebuilt at that step with the file marked bad, so a run loses nothing but that image.
+With on_bad_image=error the failing batch is read again here, so the error names the file
+in one line. The Python workers start with stop signals ignored (workers.py).
 """
 
 from __future__ import annotations
@@ -26,22 +26,15 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import select
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from .batch import TrainBatch
 from .dali_augment import rand_augment_ops
-from .dali_source import (
-    TEACHER_FIELDS,
-    ListedKeys,
-    SamplerKeys,
-    TrainSource,
-    ValSource,
-)
+from .dali_source import TrainSource, ValSource, read_probe
 from .dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
-from .plan import AugmentationPlan, replacement_sample
-from .sampler import RepeatedAugSampler
-from .teacher_cache import TeacherCache
+from .plan import AugmentationPlan
+from .train_loader import BadFiles, ListedKeys, TrainLoader
 from .workers import workers_ignore_stop_signals
 
 _LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
-_BATCH_FIELDS = ("labels", "samples", "repeats", "views", *TEACHER_FIELDS)  # teacher: [B, k]
 
 
 def _mark_undecodable(
@@ -161,32 +154,15 @@ def _train_pipeline(source: TrainSource, plan: AugmentationPlan, device: torch.d
     return DALIGenericIterator([pipe], ["images", *source.passed_through], **iterator_args)
 
 
-def view_batches(
-    index: DatasetIndex,
-    plan: AugmentationPlan,
-    batches: list[np.ndarray],
-    num_workers: int,
-    device: torch.device,
-    on_bad_image: str,
-) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """The views of listed (view, sample) rows, batch by batch, as training renders them:
-    (images on `device`, unreadable files replaced in that batch)."""
-    source = TrainSource(index, plan, ListedKeys(batches), on_bad_image, frozenset())
-    largest = max(len(b) for b in batches)
+def view_batches(index: DatasetIndex, plan: AugmentationPlan, keys: ListedKeys, num_workers: int,
+                 device: torch.device, on_bad_image: str) -> Iterator[torch.Tensor]:
+    """loader.view_batches from the DALI graph."""
+    source = TrainSource(index, plan, keys, on_bad_image, frozenset())
+    largest = max(len(b) for b in keys.batches)
+    bad = BadFiles(index, plan.seed, lambda path: read_probe(path, frozenset()))
     for (out,) in _train_pipeline(source, plan, device, largest, num_workers):
-        yield out["images"].to(device, non_blocking=True), _replaced_paths(index, plan.seed, out)
-
-
-def _replaced_paths(index: DatasetIndex, seed: int, out: dict) -> list[tuple[str, str]]:
-    """(path, path) for every unreadable file behind a replaced sample of a batch
-    (replacements are pure); the decoder's reason was warned when it was met."""
-    paths, n = [], len(index)
-    for view, sample, count in zip(
-        out["views"].tolist(), out["requested"].tolist(), out["replaced"].tolist()
-    ):
-        chain = [sample] + [replacement_sample(seed, view, sample, a, n) for a in range(count)]
-        paths += [(index.paths[s],) * 2 for s in chain[:count]]
-    return paths
+        bad.report(out["views"], out["requested"], out["replaced"])
+        yield out["images"].to(device, non_blocking=True)
 
 
 @pipeline_def
@@ -238,41 +214,22 @@ def _pipeline_args(device: torch.device, batch_size: int, num_workers: int) -> d
     }
 
 
-class DaliTrainLoader:
-    """Training batches for one rank from the DALI graph; same interface as TorchTrainLoader."""
+class DaliTrainLoader(TrainLoader):
+    """Training batches for one rank (train_loader.TrainLoader) from the DALI graph."""
 
-    def __init__(
-        self,
-        index: DatasetIndex,
-        plan: AugmentationPlan,
-        sampler: RepeatedAugSampler,
-        num_workers: int,
-        device: torch.device,
-        on_bad_image: str,
-        num_views: int | None,
-        batch_type: type,
-        teacher_cache: TeacherCache | None = None,
-    ) -> None:
-        self.index, self.plan, self.sampler, self.device = index, plan, sampler, device
-        self.num_workers, self.on_bad_image, self.num_views = num_workers, on_bad_image, num_views
-        self.batch_type, self.bad_files, self.teacher_cache = batch_type, set(), teacher_cache
-        self._known_bad: set[str] = set()
+    def read(self, path: str) -> tuple[np.ndarray, int, int]:
+        return read_probe(path, frozenset(self._known_bad))
+
+    def _prepare(self) -> None:
+        self._known_bad: set[str] = set()  # files DALI failed to decode though their header parsed
         self._iterator: DALIGenericIterator | None = None
         self._next_epoch: int | None = None  # the epoch the running pipeline will produce next
-
-    @property
-    def bad_images(self) -> int:
-        return len(self.bad_files)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
 
     def _source(self, epoch: int, first_item: int) -> TrainSource:
         return TrainSource(
             self.index,
             self.plan,
-            SamplerKeys(self.sampler, epoch, first_item, self.num_views),
+            self.keys(epoch, first_item),
             self.on_bad_image,
             frozenset(self._known_bad),
             self.teacher_cache,
@@ -288,9 +245,6 @@ class DaliTrainLoader:
             auto_reset=True,
         )
 
-    def _report_replaced(self, out: dict) -> None:
-        warn_skipped(_replaced_paths(self.index, self.plan.seed, out), self.bad_files)
-
     def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
         """Files of the batches DALI may have in flight from first_item on."""
         source, paths = self._source(epoch, first_item), []
@@ -302,7 +256,9 @@ class DaliTrainLoader:
             paths += [self.index.paths[int(s)] for s in outputs["samples"]]
         return paths
 
-    def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
+    def epoch(
+        self, epoch: int, start_step: int = 0, start_item: int | None = None
+    ) -> Iterator[TrainBatch]:
         item = self.sampler.start_item(start_step, start_item)
         restart = self._iterator is None or item != 0 or self._next_epoch != epoch
         self._next_epoch = None
@@ -320,20 +276,12 @@ class DaliTrainLoader:
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
                 restart = True  # the same batches again, the bad files now replaced
                 continue
-            self._report_replaced(out)
             if self.teacher_cache is not None:  # host tensors from the source: no device sync
                 self.teacher_cache.check_shown(
                     out["views"].view(-1), out["requested"].view(-1), out["teacher_indices"]
                 )
             item += self.sampler.items_per_step
-            yield self.batch_type(
-                images=out["images"].to(self.device, non_blocking=True),
-                **{
-                    k: out[k].to(self.device, non_blocking=True).flatten(int(k in TEACHER_FIELDS))
-                    for k in _BATCH_FIELDS
-                    if k in out
-                },
-            )
+            yield self.batch(out["images"].to(self.device, non_blocking=True), out)
         self._next_epoch = epoch + 1
 
 

@@ -1,10 +1,10 @@
 """The DALI pipelines' Python sources (the `external_source` workers' side).
 
-Each is a batch callback: for (epoch, iteration) it reads one rank's file bytes, finds
-each image's size from its header, replaces unreadable files exactly as the torch loader
-does, and, for training, draws the plan of the batch (vectorised) as per-sample arrays and,
-with a teacher cache, reads the teacher's top-k from its shards. Training keys come from
-the sampler (`SamplerKeys`); the teacher-cache pass lists its own (`ListedKeys`).
+Each is a batch callback: for (epoch, iteration) it reads one rank's file bytes and finds
+each image's size from its header; for training it takes the step's keys and replaces
+unreadable files as train_loader.py does for both backends, draws the plan of the batch
+(vectorised) as per-sample arrays and, with a teacher cache, reads the teacher's top-k from
+its shards.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import numpy as np
 from nvidia.dali import types
 from PIL import Image
 
+from .batch import TEACHER_FIELDS
 from .dali_augment import dali_params
-from .dataset import BadImageError, DatasetIndex, probe_image, read_or_replace
-from .plan import AugmentationPlan, replacement_sample
-from .sampler import RepeatedAugSampler
+from .dataset import BadImageError, DatasetIndex, probe_image
+from .plan import AugmentationPlan
 from .teacher_cache import TeacherCache
+from .train_loader import ListedKeys, SamplerKeys, read_or_replace
 
 _SOURCE_OUTPUTS = (
     "encoded",
@@ -42,7 +43,6 @@ _SOURCE_OUTPUTS = (
 )
 # The source's outputs the graph hands through to the batch, beside the images.
 PASSED_THROUGH = ("labels", "samples", "repeats", "views", "requested", "replaced")
-TEACHER_FIELDS = ("teacher_values", "teacher_indices")
 
 
 def _placeholder_jpeg() -> np.ndarray:
@@ -52,49 +52,14 @@ def _placeholder_jpeg() -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), np.uint8)
 
 
-def _read_probe(path: str, known_bad: frozenset[str]) -> tuple[np.ndarray, int, int]:
+def read_probe(path: str, known_bad: frozenset[str]) -> tuple[np.ndarray, int, int]:
+    """(bytes, height, width) of a file whose header parses and DALI has not failed on."""
     if path in known_bad:
         raise BadImageError(f"cannot decode image {path}: DALI failed to decode it")
     with open(path, "rb") as f:
         data = f.read()
     height, width = probe_image(data, path)
     return np.frombuffer(data, np.uint8), height, width
-
-
-class SamplerKeys:
-    """A training run's (views, requested samples, repeats) per (epoch, iteration)."""
-
-    def __init__(
-        self,
-        sampler: RepeatedAugSampler,
-        start_epoch: int,
-        start_item: int,
-        num_views: int | None,
-    ) -> None:
-        self.sampler, self.start_epoch, self.start_item = sampler, start_epoch, start_item
-        self.num_views = num_views
-
-    def __call__(self, info: types.BatchInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        epoch = self.start_epoch + info.epoch_idx
-        start = self.start_item if info.epoch_idx == 0 else 0
-        if info.iteration >= self.sampler.num_steps(start_item=start):
-            raise StopIteration
-        first = start + info.iteration * self.sampler.items_per_step
-        requested, repeats = self.sampler.batch_at(epoch, first)
-        return self.sampler.views(epoch, repeats, self.num_views), requested, repeats
-
-
-class ListedKeys:
-    """Given batches of (view, sample) rows, one pass: the teacher-cache pass's keys."""
-
-    def __init__(self, batches: list[np.ndarray]) -> None:
-        self.batches = batches
-
-    def __call__(self, info: types.BatchInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if info.iteration >= len(self.batches):
-            raise StopIteration
-        views, samples = np.asarray(self.batches[info.iteration], np.int64).T
-        return views, samples, np.zeros_like(samples)
 
 
 class TrainSource:
@@ -120,17 +85,17 @@ class TrainSource:
                                or name in TEACHER_FIELDS]
 
     def _read(self, view: int, sample: int) -> tuple[np.ndarray, int, int, int, int]:
-        """(bytes, height, width, sample read, unreadable files skipped before it)."""
-        n, seed = len(self.paths), self.plan.seed
-        replacement = lambda attempt: replacement_sample(seed, view, sample, attempt, n)
-        read = lambda path: _read_probe(path, self.known_bad)
-        (data, height, width), shown, errors = read_or_replace(
-            read, self.paths, sample, replacement, self.on_bad_image
+        """(bytes, height, width, sample read, unreadable files replaced before it)."""
+        read = lambda path: read_probe(path, self.known_bad)
+        (data, height, width), shown, replaced = read_or_replace(
+            read, self.paths, self.plan.seed, view, sample, self.on_bad_image
         )
-        return data, height, width, shown, len(errors)
+        return data, height, width, shown, replaced
 
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
-        views, requested, repeats = self.keys(info)
+        if info.iteration >= self.keys.steps(info.epoch_idx):
+            raise StopIteration
+        views, requested, repeats = self.keys.at(info.epoch_idx, info.iteration)
         data, heights, widths, samples, replaced = zip(
             *(self._read(v, s) for v, s in zip(views.tolist(), requested.tolist()))
         )
@@ -197,7 +162,7 @@ class ValSource:
         rows = []
         for i in picks:
             try:
-                data, height, width = _read_probe(self.paths[i], self.known_bad)
+                data, height, width = read_probe(self.paths[i], self.known_bad)
                 valid = 1
             except BadImageError:
                 if self.on_bad_image == "error":

@@ -10,18 +10,13 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
-T = TypeVar("T")
-
 JPEG_TAIL = 64  # bytes searched for the end-of-image marker: some writers pad after it
-MAX_REPLACEMENTS = 10  # this many unreadable files in a row means a broken dataset
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -144,31 +139,6 @@ def probe_image(data: bytes, path: str) -> tuple[int, int]:
     if jpeg_truncated(data[:2], data[-JPEG_TAIL:]):
         raise BadImageError(f"cannot decode image {path}: truncated JPEG: no end-of-image marker")
     return size
-
-
-def read_or_replace(
-    read: Callable[[str], T],
-    paths: list[str],
-    sample: int,
-    replacement: Callable[[int], int],
-    on_bad_image: str,
-) -> tuple[T, int, list[str]]:
-    """read(paths[sample]); when unreadable and on_bad_image is "skip", the first readable of
-    replacement(0), replacement(1), ...: returns (what read returned, sample read, errors),
-    errors as (path, message) pairs."""
-    shown, errors = sample, []
-    for attempt in range(MAX_REPLACEMENTS + 1):
-        try:
-            return read(paths[shown]), shown, errors
-        except BadImageError as e:
-            if on_bad_image == "error":
-                raise
-            errors.append((paths[shown], str(e)))
-            shown = replacement(attempt)
-    raise BadImageError(
-        f"{MAX_REPLACEMENTS + 1} unreadable files in a row, starting at {paths[sample]}; "
-        "run `deit-fast data check` on the dataset"
-    )
 
 
 def read_rgb(path: str) -> Image.Image:

@@ -1,10 +1,12 @@
-"""The one place a loader backend is chosen: `build_train_loader` / `build_val_loader`."""
+"""The one place a loader backend is chosen: `build_train_loader`, `view_batches`,
+`build_val_loader`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .dataset import DatasetIndex
@@ -15,28 +17,16 @@ from .plan import (
     PlanParams,
 )
 from .sampler import RepeatedAugSampler
+from .train_loader import ListedKeys
 
 if TYPE_CHECKING:  # the backends load lazily: DALI is optional
-    from .dali import DaliTrainLoader, DaliValLoader
+    from .dali import DaliValLoader
     from .teacher_cache import TeacherCache
-    from .torch_loader import TorchTrainLoader, TorchValLoader
+    from .torch_loader import TorchValLoader
+    from .train_loader import TrainLoader
 
 BACKENDS = ("torch", "dali")
 BAD_IMAGE_POLICIES = ("skip", "error")
-
-
-@dataclass
-class TrainBatch:
-    """One rank's batch on the device; views[i] is the plan view of samples[i]. With a
-    teacher cache, the teacher's top-k for each (view, requested sample) rides along."""
-
-    images: torch.Tensor  # float32 [B, 3, S, S], normalized and erased
-    labels: torch.Tensor  # int64 [B]
-    samples: torch.Tensor  # int64 [B] dataset index actually shown (a replacement if unreadable)
-    repeats: torch.Tensor  # int64 [B] repeat id k
-    views: torch.Tensor  # int64 [B] the sampler's view rule (mod num_views with a cache)
-    teacher_values: torch.Tensor | None = None  # float32 [B, k] top-k log-probabilities
-    teacher_indices: torch.Tensor | None = None  # int64 [B, k] their classes
 
 
 def _check_choices(backend: str, on_bad_image: str) -> None:
@@ -60,7 +50,7 @@ def build_train_loader(
     on_bad_image: str = "skip",
     num_views: int | None = None,
     teacher_cache: TeacherCache | None = None,
-) -> TorchTrainLoader | DaliTrainLoader:
+) -> TrainLoader:
     """A loader with `steps_per_epoch`, `epoch(e, start_step=0, start_item=None)`, `bad_files`.
 
     num_views: views wrap mod num_views (RepeatedAugSampler.views), to replay a cache of V.
@@ -76,15 +66,34 @@ def build_train_loader(
         from .dali import DaliTrainLoader
 
         return DaliTrainLoader(
-            index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch,
-            teacher_cache,
+            index, plan, sampler, num_workers, device, on_bad_image, num_views, teacher_cache
         )
     from .torch_loader import TorchTrainLoader
 
     return TorchTrainLoader(
-        index, plan, sampler, num_workers, device, on_bad_image, num_views, TrainBatch,
-        teacher_cache,
+        index, plan, sampler, num_workers, device, on_bad_image, num_views, teacher_cache
     )
+
+
+def view_batches(
+    index: DatasetIndex,
+    plan: AugmentationPlan,
+    batches: list[np.ndarray],
+    backend: str = "torch",
+    num_workers: int = 2,
+    device: torch.device | None = None,
+    on_bad_image: str = "skip",
+) -> Iterator[torch.Tensor]:
+    """The views of listed batches of (view, sample) rows, batch by batch, as training renders
+    them, on the device (the teacher-cache pass); each replaced unreadable file is warned
+    about once."""
+    _check_choices(backend, on_bad_image)
+    device = device or torch.device("cpu")
+    if backend == "dali":
+        from .dali import view_batches as render
+    else:
+        from .torch_loader import view_batches as render
+    return render(index, plan, ListedKeys(batches), num_workers, device, on_bad_image)
 
 
 def build_val_loader(

@@ -2,13 +2,11 @@
 
 Workers receive whole batches of keys (`__getitems__`), so the plan is drawn vectorised
 once per batch; every random value comes from the keys, so the output is identical for
-any number of workers. Unreadable files are replaced deterministically (see
-plan.replacement_sample) and reported back with the batch, so the main process can count
-and name them whatever worker met them; with on_bad_image=error the worker sends the
-error back the same way, so it is raised in the main process with its own message.
-Workers ignore stop signals (workers.py). With a teacher cache, the workers also read the
-teacher's top-k for each (view, requested sample) from its memory-mapped shards, and the
-batch carries it.
+any number of workers. Keys, the replacement of unreadable files and their accounting are
+train_loader.py's; with on_bad_image=error the worker sends the error back with the
+batch, so it is raised in the main process with its own message. Workers ignore stop
+signals (workers.py). With a teacher cache, the workers also read the teacher's top-k for
+each (view, requested sample) from its memory-mapped shards, and the batch carries it.
 """
 
 from __future__ import annotations
@@ -18,21 +16,15 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from .dataset import (
-    BadImageError,
-    DatasetIndex,
-    read_or_replace,
-    read_rgb,
-    warn_skipped,
-)
+from .batch import TrainBatch
+from .dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
 from .pil_augment import augment_pil
-from .plan import AugmentationPlan, replacement_sample
-from .sampler import RepeatedAugSampler
+from .plan import AugmentationPlan
 from .teacher_cache import TeacherCache
+from .train_loader import BadFiles, ListedKeys, SamplerKeys, TrainLoader, read_or_replace
 from .workers import ignore_stop_signals
 
 
@@ -107,21 +99,14 @@ class TrainViews(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _read(self, view: int, sample: int, bad: list[tuple[str, str]]) -> tuple[Image.Image, int]:
-        n, seed = len(self.paths), self.plan.seed
-        replacement = lambda attempt: replacement_sample(seed, view, sample, attempt, n)
-        img, shown, errors = read_or_replace(
-            read_rgb, self.paths, sample, replacement, self.on_bad_image
-        )
-        bad.extend(errors)
-        return img, shown
-
     def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict:
-        bad: list[tuple[str, str]] = []
         views = np.array([k[0] for k in keys], np.int64)
         requested = np.array([k[1] for k in keys], np.int64)
+        seed, on_bad = self.plan.seed, self.on_bad_image
         try:
-            images, samples = zip(*(self._read(v, s, bad) for v, s, _ in keys))
+            images, samples, replaced = zip(
+                *(read_or_replace(read_rgb, self.paths, seed, v, s, on_bad) for v, s, _ in keys)
+            )
         except BadImageError as e:
             return {"error": str(e)}
         samples = np.array(samples, np.int64)
@@ -146,7 +131,8 @@ class TrainViews(Dataset):
             "samples": torch.from_numpy(samples),
             "repeats": torch.tensor([k[2] for k in keys], dtype=torch.int64),
             "views": torch.from_numpy(views),
-            "bad": bad,
+            "requested": torch.from_numpy(requested),
+            "replaced": torch.tensor(replaced, dtype=torch.int64),
         }
         if self.teacher_cache is not None:  # keyed by the requested sample, as cached
             batch["teacher_values"], batch["teacher_indices"] = self.teacher_cache.topk(
@@ -158,10 +144,18 @@ class TrainViews(Dataset):
 
 
 class _EpochKeys:
-    """The batch sampler: the keys of the current epoch's batches, set before each pass."""
+    """The batch sampler: the keys of the current pass's batches, set before each pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: SamplerKeys | ListedKeys | None = None) -> None:
         self.batches: list[list[tuple[int, int, int]]] = []
+        if keys is not None:
+            self.set(keys)
+
+    def set(self, keys: SamplerKeys | ListedKeys) -> None:
+        """The first pass of `keys`, as (view, sample, repeat) rows."""
+        self.batches = [
+            list(zip(*(a.tolist() for a in keys.at(0, step)))) for step in range(keys.steps(0))
+        ]
 
     def __iter__(self):
         return iter(self.batches)
@@ -170,61 +164,48 @@ class _EpochKeys:
         return len(self.batches)
 
 
-class TorchTrainLoader:
-    """Training batches for one rank; `epoch(e, start_step)` yields `TrainBatch`es."""
+class TorchTrainLoader(TrainLoader):
+    """Training batches for one rank (train_loader.TrainLoader) from torch workers."""
 
-    def __init__(
-        self,
-        index: DatasetIndex,
-        plan: AugmentationPlan,
-        sampler: RepeatedAugSampler,
-        num_workers: int,
-        device: torch.device,
-        on_bad_image: str,
-        num_views: int | None,
-        batch_type: type,
-        teacher_cache: TeacherCache | None = None,
-    ) -> None:
-        self.plan, self.sampler, self.device = plan, sampler, device
-        self.on_bad_image, self.num_views, self.batch_type = on_bad_image, num_views, batch_type
-        self.bad_files: set[str] = set()
+    read = staticmethod(read_rgb)
+
+    def _prepare(self) -> None:
         self._keys = _EpochKeys()
-        views = TrainViews(index, plan, on_bad_image, device.type != "cuda", teacher_cache)
-        self._teacher_fields = ("teacher_values", "teacher_indices") if teacher_cache else ()
+        views = TrainViews(
+            self.index, self.plan, self.on_bad_image, self.device.type != "cuda",
+            self.teacher_cache,
+        )
         self._loader = DataLoader(
             views,
             batch_sampler=self._keys,
-            num_workers=num_workers,
+            num_workers=self.num_workers,
             collate_fn=batch_as_is,
-            pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
             generator=torch.Generator(),  # iterating must not draw from the global RNG
             worker_init_fn=ignore_stop_signals,
         )
 
-    @property
-    def bad_images(self) -> int:
-        return len(self.bad_files)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
-
-    def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None) -> Iterator:
-        self._keys.batches = []
-        for samples, repeats in self.sampler.batches(epoch, start_step, start_item):
-            views = self.sampler.views(epoch, repeats, self.num_views)
-            self._keys.batches.append(list(zip(views.tolist(), samples.tolist(), repeats.tolist())))
+    def epoch(
+        self, epoch: int, start_step: int = 0, start_item: int | None = None
+    ) -> Iterator[TrainBatch]:
+        self._keys.set(self.keys(epoch, self.sampler.start_item(start_step, start_item)))
+        p = self.plan.params
         for out in map(_checked, self._loader):
-            warn_skipped(out["bad"], self.bad_files)
-            p = self.plan.params
-            yield self.batch_type(
-                images=finish(out, self.device, p.mean, p.std),
-                **{
-                    k: out[k].to(self.device, non_blocking=True)
-                    for k in ("labels", "samples", "repeats", "views", *self._teacher_fields)
-                },
-            )
+            yield self.batch(finish(out, self.device, p.mean, p.std), out)
+
+
+def view_batches(index: DatasetIndex, plan: AugmentationPlan, keys: ListedKeys, num_workers: int,
+                 device: torch.device, on_bad_image: str) -> Iterator[torch.Tensor]:
+    """loader.view_batches from torch workers."""
+    dataset = TrainViews(index, plan, on_bad_image, finish_in_worker=device.type != "cuda")
+    loader = DataLoader(dataset, batch_sampler=_EpochKeys(keys),
+                        num_workers=num_workers, collate_fn=batch_as_is,
+                        pin_memory=device.type == "cuda")
+    bad = BadFiles(index, plan.seed, read_rgb)
+    for out in map(_checked, loader):
+        bad.report(out["views"], out["requested"], out["replaced"])
+        yield finish(out, device, plan.params.mean, plan.params.std)
 
 
 class ValImages(Dataset):

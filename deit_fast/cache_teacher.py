@@ -4,7 +4,7 @@ The sampler is a pure function, so the pass replays it over train.epochs and com
 teacher only on the (view, sample) pairs the run will read (view mod V): one forward per
 showing for a full cache, as an online teacher would pay, and fewer with a smaller V,
 whose views are reused. Each view is rendered by the run's own backend and plan (torch:
-the torch loader's TrainViews; dali: the DALI graph, on the GPU or its CPU graph), with no
+the torch loader's workers; dali: the DALI graph, on the GPU or its CPU graph), with no
 mixup, so the cached top-k is what the teacher says about exactly the image the student
 sees. Ranks (RANK/WORLD_SIZE, as torchrun sets them) take every W-th shard; a rerun skips
 finished shards.
@@ -13,16 +13,15 @@ finished shards.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deit_fast.config import Config, ConfigError
-from deit_fast.data_pipeline.dataset import DatasetIndex, warn_skipped
+from deit_fast.data_pipeline.dataset import DatasetIndex
+from deit_fast.data_pipeline.loader import view_batches
 from deit_fast.data_pipeline.plan import AugmentationPlan
 from deit_fast.data_pipeline.sampler import RepeatedAugSampler
 from deit_fast.data_pipeline.teacher_cache import NOT_SHOWN, ShardWriter, cache_bytes, sha256_file
@@ -44,26 +43,6 @@ def shown_pairs(cfg: Config, num_samples: int) -> np.ndarray:
     for views, samples in sampler.shown(cfg.train.epochs, num_views(cfg)):
         shown[views, samples] = True
     return shown
-
-
-def _rendered(cfg: Config, index: DatasetIndex, plan: AugmentationPlan,
-              batches: list[np.ndarray], device: torch.device
-              ) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """(images on device, unreadable files replaced) for each batch of (view, sample) rows."""
-    if cfg.data.backend == "dali":
-        from deit_fast.data_pipeline.dali import view_batches
-
-        yield from view_batches(index, plan, batches, cfg.data.num_workers, device,
-                                cfg.data.on_bad_image)
-        return
-    from deit_fast.data_pipeline.torch_loader import TrainViews, batch_as_is, finish
-
-    dataset = TrainViews(index, plan, cfg.data.on_bad_image, finish_in_worker=device.type != "cuda")
-    keys = [[(int(v), int(s), 0) for v, s in rows] for rows in batches]
-    loader = DataLoader(dataset, batch_sampler=keys, num_workers=cfg.data.num_workers,
-                        collate_fn=batch_as_is, pin_memory=device.type == "cuda")
-    for out in loader:
-        yield finish(out, device, plan.params.mean, plan.params.std), out["bad"]
 
 
 def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None = None) -> Path:
@@ -103,9 +82,11 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
         r = rows[s.name]
         batches += [np.stack([np.full(len(part), s.view), s.first_sample + part], axis=1)
                     for part in np.split(r, range(step, len(r), step)) if len(part)]
-    rendered = _rendered(cfg, index, plan, batches, device) if batches else iter(())
+    rendered = iter(())
+    if batches:  # an unreadable file's replacement is cached, as the run trains on it
+        rendered = view_batches(index, plan, batches, cfg.data.backend, cfg.data.num_workers,
+                                device, cfg.data.on_bad_image)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    skipped: set[str] = set()
     bar = tqdm(total=sum(len(r) for r in rows.values()), unit="view",
                desc=f"cache-teacher r{rank}", disable=not cfg.train.progress, dynamic_ncols=True)
     with torch.inference_mode():
@@ -114,8 +95,7 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
             indices = np.full((shard.count, d.topk), NOT_SHOWN, np.int64)
             done = 0
             while done < len(rows[shard.name]):
-                images, bad = next(rendered)
-                warn_skipped(bad, skipped)  # the replacement's view is cached, as trained on
+                images = next(rendered)
                 with autocast:
                     logits = teacher(images)
                 top = torch.log_softmax(logits.float(), dim=-1).topk(d.topk, dim=-1)

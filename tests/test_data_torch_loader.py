@@ -17,6 +17,8 @@ from deit_fast.data_pipeline import (
     build_train_loader,
     build_val_loader,
 )
+from deit_fast.data_pipeline.dataset import read_rgb
+from deit_fast.data_pipeline.loader import view_batches
 from deit_fast.data_pipeline.torch_loader import TrainViews, erase, finish
 from tests.helpers import recipe_plan
 
@@ -171,6 +173,39 @@ def test_bad_file_with_error_policy_raises_naming_it(bad_tree):
         BadImageError, match=r"cannot decode image .*/a/(truncated|corrupt|text)\.jpg"
     ):
         _collect(loader, epoch=0)
+
+
+def test_each_replaced_file_is_warned_once_with_its_reason(bad_tree):
+    """The workers hand back replacement counts; the main process names the files and gives
+    the reason its reader gives for each."""
+    index = DatasetIndex.from_folder(str(bad_tree))
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=6, num_workers=1)
+    with pytest.warns(UserWarning) as caught:
+        for epoch in range(3):
+            _collect(loader, epoch=epoch)
+    reasons = []
+    for path in sorted(loader.bad_files):
+        with pytest.raises(BadImageError) as error:
+            read_rgb(path)
+        reasons.append(f"skipped unreadable image (data.on_bad_image=skip): {error.value}")
+    assert sorted(str(w.message) for w in caught) == reasons and len(reasons) == len(BAD)
+
+
+def test_view_batches_render_listed_views_as_training_does(bad_tree):
+    """The teacher-cache pass: listed (view, sample) rows rendered as TrainViews renders them,
+    replacements warned about; with on_bad_image=error the bad file is named."""
+    index = DatasetIndex.from_folder(str(bad_tree))
+    plan = AugmentationPlan(recipe_plan(image_size=SIZE, reprob=0.5), seed=3)
+    rows = np.array([(view, sample) for view in (2, 5) for sample in range(len(index))])
+    batches = [rows[:7], rows[7:]]
+    with pytest.warns(UserWarning, match=r"(truncated|corrupt|text)\.jpg"):
+        rendered = list(view_batches(index, plan, batches, "torch", num_workers=1))
+    expected = TrainViews(index, plan, "skip", finish_in_worker=True).__getitems__(
+        [(int(v), int(s), 0) for v, s in rows]
+    )["images"]
+    assert torch.equal(torch.cat(rendered), expected)
+    with pytest.raises(BadImageError, match=r"cannot decode image .*/a/(truncated|corrupt|text)"):
+        list(view_batches(index, plan, batches, "torch", num_workers=0, on_bad_image="error"))
 
 
 def test_unknown_backend_or_policy_is_refused(bad_tree):

@@ -1,0 +1,166 @@
+"""What both training backends share; a backend adds only its decode-and-augment graph.
+
+Keys. Each step's (views, requested samples, repeats) come from the sampler (`SamplerKeys`,
+views by `RepeatedAugSampler.views`) or, for the teacher-cache pass, from a list
+(`ListedKeys`); both are read by (epoch, step), as the torch batch sampler lists them and
+as DALI's source asks for them.
+
+Unreadable files. A worker reads a key's file or, when it is unreadable and on_bad_image
+is "skip", the first readable file of its replacement chain (`read_or_replace`, with
+`plan.replacement_sample`), and hands back with the batch only how many it replaced. The
+main process rebuilds the chain, which is pure, to name the files (`BadFiles`): each is
+counted and warned about once, with the reason the backend's reader gives for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from .batch import ID_FIELDS, TEACHER_FIELDS, TrainBatch
+from .dataset import BadImageError, DatasetIndex, warn_skipped
+from .plan import AugmentationPlan, replacement_sample
+from .sampler import RepeatedAugSampler
+from .teacher_cache import TeacherCache
+
+T = TypeVar("T")
+Keys = tuple[np.ndarray, np.ndarray, np.ndarray]  # int64 views, requested samples, repeats
+
+MAX_REPLACEMENTS = 10  # this many unreadable files in a row means a broken dataset
+
+
+def read_or_replace(
+    read: Callable[[str], T], paths: list[str], seed: int, view: int, sample: int,
+    on_bad_image: str,
+) -> tuple[T, int, int]:
+    """read(paths[sample]), or with on_bad_image "skip" that of the first readable sample of
+    its replacement chain: (what read returned, sample read, unreadable files before it)."""
+    shown = sample
+    for attempt in range(MAX_REPLACEMENTS + 1):
+        try:
+            return read(paths[shown]), shown, attempt
+        except BadImageError:
+            if on_bad_image == "error":
+                raise
+            shown = replacement_sample(seed, view, sample, attempt, len(paths))
+    raise BadImageError(
+        f"{MAX_REPLACEMENTS + 1} unreadable files in a row, starting at {paths[sample]}; "
+        "run `deit-fast data check` on the dataset"
+    )
+
+
+class SamplerKeys:
+    """A training run's keys per (epoch from start_epoch, step), resumed at start_item."""
+
+    def __init__(
+        self, sampler: RepeatedAugSampler, start_epoch: int, start_item: int,
+        num_views: int | None,
+    ) -> None:
+        self.sampler, self.start_epoch, self.start_item = sampler, start_epoch, start_item
+        self.num_views = num_views
+
+    def _first(self, epoch_idx: int) -> int:
+        return self.start_item if epoch_idx == 0 else 0
+
+    def steps(self, epoch_idx: int) -> int:
+        return self.sampler.num_steps(start_item=self._first(epoch_idx))
+
+    def at(self, epoch_idx: int, step: int) -> Keys:
+        epoch = self.start_epoch + epoch_idx
+        first = self._first(epoch_idx) + step * self.sampler.items_per_step
+        requested, repeats = self.sampler.batch_at(epoch, first)
+        return self.sampler.views(epoch, repeats, self.num_views), requested, repeats
+
+
+class ListedKeys:
+    """Given batches of (view, sample) rows, one pass: the teacher-cache pass's keys."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = batches
+
+    def steps(self, epoch_idx: int) -> int:
+        return len(self.batches)
+
+    def at(self, epoch_idx: int, step: int) -> Keys:
+        views, samples = np.asarray(self.batches[step], np.int64).T
+        return views, samples, np.zeros_like(samples)
+
+
+class BadFiles:
+    """The distinct unreadable files behind a pass's replaced samples, each warned once."""
+
+    def __init__(self, index: DatasetIndex, seed: int, read: Callable[[str], object]) -> None:
+        self.paths, self.seed, self.read = index.paths, seed, read
+        self.files: set[str] = set()
+
+    def _reason(self, path: str) -> str:
+        try:
+            self.read(path)
+        except BadImageError as e:
+            return str(e)
+        return f"{path} (readable when read again)"
+
+    def report(self, views, requested, replaced) -> None:
+        """Name the files a batch replaced: its views, requested samples and replacement
+        counts (as the workers hand them back) rebuild each chain."""
+        views, requested, replaced = (np.asarray(a).reshape(-1)
+                                      for a in (views, requested, replaced))
+        n, met = len(self.paths), []
+        for i in np.flatnonzero(replaced).tolist():
+            view, sample, count = int(views[i]), int(requested[i]), int(replaced[i])
+            chain = [sample] + [replacement_sample(self.seed, view, sample, a, n)
+                                for a in range(count)]
+            met += [self.paths[s] for s in chain[:count] if self.paths[s] not in self.files]
+        warn_skipped([(path, self._reason(path)) for path in dict.fromkeys(met)], self.files)
+
+
+class TrainLoader:
+    """One rank's training batches. A backend subclass sets up its workers in `_prepare`,
+    reads a file in `read` as its workers do, and yields the batches from `epoch(e,
+    start_step, start_item)` (start_item: a global item count, which works across a change
+    of world size)."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        plan: AugmentationPlan,
+        sampler: RepeatedAugSampler,
+        num_workers: int,
+        device: torch.device,
+        on_bad_image: str,
+        num_views: int | None,
+        teacher_cache: TeacherCache | None = None,
+    ) -> None:
+        self.index, self.plan, self.sampler, self.device = index, plan, sampler, device
+        self.num_workers, self.on_bad_image, self.num_views = num_workers, on_bad_image, num_views
+        self.teacher_cache = teacher_cache
+        self._bad = BadFiles(index, plan.seed, self.read)
+        self._prepare()
+
+    @property
+    def bad_files(self) -> set[str]:
+        return self._bad.files
+
+    @property
+    def bad_images(self) -> int:
+        return len(self._bad.files)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def keys(self, epoch: int, first_item: int) -> SamplerKeys:
+        """The keys of epoch `epoch` from global item first_item on, then of those after it."""
+        return SamplerKeys(self.sampler, epoch, first_item, self.num_views)
+
+    def batch(self, images: torch.Tensor, out: dict) -> TrainBatch:
+        """A worker's batch (host tensors by field name) as a TrainBatch on the device, its
+        replaced files reported."""
+        self._bad.report(out["views"], out["requested"], out["replaced"])
+        fields = (*ID_FIELDS, *TEACHER_FIELDS) if self.teacher_cache else ID_FIELDS
+        return TrainBatch(
+            images=images, **{k: out[k].to(self.device, non_blocking=True) for k in fields}
+        )
