@@ -2,7 +2,7 @@
 
     python benchmarks/data.py                    # loaders on 512 generated 500x375 JPEGs
     python benchmarks/data.py --what index       # DatasetIndex on 100k generated small files
-    python benchmarks/data.py --data-path /data/imagenet --workers 8 --csv out.csv
+    python benchmarks/data.py --data-path /data/imagenet --workers 8 [--csv FILE]
 
 Loaders: the torch fallback, DALI on the CPU and, with a GPU, DALI on the GPU, each with
 the DeiT recipe (RandomResizedCrop 224, flip, rand-m9-mstd0.5-inc1, erasing 0.25) and the
@@ -19,6 +19,7 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -224,7 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=4, help="batches before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed batches")
     parser.add_argument("--rounds", type=int, default=3, help="turns each backend takes")
-    parser.add_argument("--csv", default="data_benchmark.csv")
+    parser.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results"
+                                              / "data_benchmark.csv"),
+                        help="where the table goes (default: benchmarks/results/)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,7 +195,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI threads")
     parser.add_argument("--rand-augment", default="rand-m9-mstd0.5-inc1")
-    parser.add_argument("--csv", default="data_stages.csv")
+    parser.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results"
+                                              / "data_stages.csv"),
+                        help="where the table goes (default: benchmarks/results/)")
     args = parser.parse_args(argv)
 
     params = dataclasses.replace(plan_params(Config()), rand_augment=args.rand_augment)
