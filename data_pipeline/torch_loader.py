@@ -25,7 +25,7 @@ from .pil_augment import augment_pil
 from .plan import AugmentationPlan
 from .teacher_cache import TeacherCache
 from .train_loader import BadFiles, ListedKeys, SamplerKeys, TrainLoader, read_or_replace
-from .workers import ignore_stop_signals
+from .workers import ignore_stop_signals, iterate
 
 
 def batch_as_is(batch: dict) -> dict:
@@ -191,7 +191,7 @@ class TorchTrainLoader(TrainLoader):
     ) -> Iterator[TrainBatch]:
         self._keys.set(self.keys(epoch, self.sampler.start_item(start_step, start_item)))
         p = self.plan.params
-        for out in map(_checked, self._loader):
+        for out in map(_checked, iterate(self._loader)):
             yield self.batch(finish(out, self.device, p.mean, p.std), out)
 
 
@@ -201,9 +201,9 @@ def view_batches(index: DatasetIndex, plan: AugmentationPlan, keys: ListedKeys, 
     dataset = TrainViews(index, plan, on_bad_image, finish_in_worker=device.type != "cuda")
     loader = DataLoader(dataset, batch_sampler=_EpochKeys(keys),
                         num_workers=num_workers, collate_fn=batch_as_is,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     bad = BadFiles(index, plan.seed, read_rgb)
-    for out in map(_checked, loader):
+    for out in map(_checked, iterate(loader)):
         bad.report(out["views"], out["requested"], out["replaced"])
         yield finish(out, device, plan.params.mean, plan.params.std)
 
@@ -278,7 +278,7 @@ class TorchValLoader:
         return len(self._batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for out in map(_checked, self._loader):
+        for out in map(_checked, iterate(self._loader)):
             warn_skipped(out["bad"], self.bad_files)
             if len(out["labels"]):
                 yield (

@@ -1,6 +1,8 @@
 """The torch fallback loader: determinism, resume, the plan applied, bad input, validation."""
 
+import gc
 import io
+import os
 
 import numpy as np
 import pytest
@@ -291,3 +293,41 @@ def test_finish_on_the_gpu_matches_the_cpu(photo_tree):
     on_cpu = finish(raw, torch.device("cpu"), params.mean, params.std)
     assert on_gpu.device.type == "cuda" and raw["erase_noise"].numel() > 0
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-6)
+
+
+class _Collected:
+    """Garbage in a reference cycle; its destructor records the pid that collected it."""
+
+    def __init__(self, marker):
+        self.marker, self.cycle = marker, self
+
+    def __del__(self):
+        with open(self.marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class _CollectingDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        gc.collect()  # as an allocation in a worker may trigger it
+        return os.getpid()
+
+
+def test_forked_workers_never_collect_what_they_inherit(tmp_path):
+    """A DALI pipeline left as garbage would hang a worker that ran its destructor."""
+    from deit_fast.data_pipeline.workers import iterate
+
+    marker = tmp_path / "collected"
+    gc.disable()
+    try:
+        _Collected(marker)  # unreachable at once, collectable only by gc
+        loader = torch.utils.data.DataLoader(_CollectingDataset(), num_workers=1,
+                                             multiprocessing_context="fork")
+        workers = {int(pid) for pid in iterate(loader)}
+    finally:
+        gc.enable()
+    gc.collect()
+    collected_by = {int(pid) for pid in marker.read_text().split()}
+    assert collected_by == {os.getpid()} and not workers & collected_by

@@ -413,3 +413,25 @@ def test_evaluation_reads_the_device_once(tmp_path):
         counts.append(count.total)
         assert 0 <= result["top1"] <= result["top5"] <= 100
     assert counts[0] == counts[1]
+
+
+class _StopAt:
+    """A stop request that turns on once `trainer` has run `step` loader batches."""
+
+    def __init__(self, step):
+        self.step, self.trainer = step, None
+
+    def __bool__(self):
+        return self.trainer.global_step >= self.step
+
+
+def test_a_stop_waits_for_the_end_of_an_accumulated_update(tmp_path):
+    loader = Loader(6, 4, "cpu")
+    trainer = make_trainer(tmp_path, loader, "data.batch_size=4", "train.accum_steps=3",
+                           "optim.warmup_epochs=0")
+    trainer.stop = _StopAt(1)
+    trainer.stop.trainer = trainer
+    summary = trainer.fit()  # asked to stop after batch 1: the update ends at batch 3
+    trainer.close()
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert summary["stopped"] and summary["global_step"] == saved["global_step"] == 3
