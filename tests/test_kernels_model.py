@@ -39,7 +39,10 @@ def test_triton_model_equals_eager_model(name: str) -> None:
     torch.testing.assert_close(dpixels, expected_dpixels, atol=1e-5, rtol=1e-4)
     assert grads.keys() == expected_grads.keys()
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[key], atol=1e-5, rtol=1e-4,
+        # A parameter's gradient sums over every token and image: fp32 rounding in the
+        # kernels' other summation order grows with the size of the tensor's entries.
+        scale = max(1.0, expected_grads[key].abs().max().item())
+        torch.testing.assert_close(grad, expected_grads[key], atol=1e-5 * scale, rtol=1e-4,
                                    msg=lambda message, key=key: f"grad of {key}: {message}")
 
 
