@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, not benchmarks/
 
 from deit_fast.config import load_config  # noqa: E402
-from deit_fast.data_pipeline import Mixup  # noqa: E402
 from deit_fast.data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header  # noqa: E402
 from deit_fast.losses import DistillationLoss  # noqa: E402
 from deit_fast.models import MODEL_SPECS, create_model  # noqa: E402
+from deit_fast.run import build_mixup  # noqa: E402
 from deit_fast.teacher import TeacherTargets  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"data.batch_size={args.batch}", f"train.precision={precision}",
                              f"train.device={device.type}", f"train.output_dir={folder.name}",
                              "train.progress=false"])
-    mixup = Mixup(num_classes=args.classes)  # the recipe's mixup 0.8 / cutmix 1.0
+    mixup = build_mixup(cfg.data, args.classes)  # the recipe's mixup 0.8 / cutmix 1.0
     rows = []
     for name, kind, source in (("none", "none", None), ("hard, cached teacher", "hard", "cache"),
                                ("hard, online teacher", "hard", "online")):

@@ -54,10 +54,10 @@ sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
 from deit_fast import flops as step_flops  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
-from deit_fast.data_pipeline import Mixup  # noqa: E402
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402
+from deit_fast.run import build_mixup  # noqa: E402
 from deit_fast.teacher import TeacherTargets  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
 
@@ -155,9 +155,7 @@ def _trainer(model: nn.Module, name: str, setting: Setting, batch: int, run: Run
         images=torch.randn(batch, 3, size, size, device=run.device),
         labels=torch.randint(0, classes, (batch,), device=run.device),
         teacher_values=top.values.half(), teacher_indices=top.indices)
-    d = cfg.data
-    mix = Mixup(d.mixup, d.cutmix, d.mixup_prob, d.mixup_switch_prob, d.label_smoothing,
-                classes)
+    mix = build_mixup(cfg.data, classes)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     trainer = Trainer(cfg, model, _Batches(data), None, criterion, mix, run.device, run_dir,
                       teacher_targets=TeacherTargets(run.distill, cfg.distill.tau, classes)

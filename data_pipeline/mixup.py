@@ -27,16 +27,17 @@ _STREAM = 2  # keeps mixup draws apart from the plan and the sampler under the s
 
 
 class Mixup:
-    """`mixup(images, labels, key, extra)` -> (images, targets, extra), all on the device."""
+    """`mixup(images, labels, key, extra)` -> (images, targets, extra), all on the device.
+    The recipe's values are the config's (deit_fast.run.build_mixup)."""
 
     def __init__(
         self,
-        mixup_alpha: float = 0.8,
-        cutmix_alpha: float = 1.0,
-        prob: float = 1.0,
-        switch_prob: float = 0.5,
-        label_smoothing: float = 0.1,
-        num_classes: int = 1000,
+        mixup_alpha: float,
+        cutmix_alpha: float,
+        prob: float,
+        switch_prob: float,
+        label_smoothing: float,
+        num_classes: int,
         seed: int = 0,
     ) -> None:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from deit_fast import checkpoint, distributed
-from deit_fast.config import Config, ConfigError, load_config, save_config, to_dict
+from deit_fast.config import Config, ConfigError, DataConfig, load_config, save_config, to_dict
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import DeiT, create_model, load_checkpoint
 from deit_fast.ops import resolve_kernels
@@ -28,7 +28,7 @@ from deit_fast.teacher import TeacherTargets, load_teacher
 from deit_fast.train import PRECISION, Trainer
 
 if TYPE_CHECKING:
-    from deit_fast.data_pipeline import DatasetIndex
+    from deit_fast.data_pipeline import DatasetIndex, Mixup
     from deit_fast.data_pipeline.teacher_cache import TeacherCache
 
 
@@ -95,7 +95,6 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     a teacher cache, the train loader's workers attach its top-k to every batch."""
     from deit_fast.data_pipeline import (
         DatasetIndex,
-        Mixup,
         build_train_loader,
         build_val_loader,
     )
@@ -117,10 +116,17 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
         val_index, image_size=size, crop_pct=d.crop_pct, batch_size=d.eval_batch_size,
         num_workers=d.num_workers, backend=d.backend, device=device, rank=rank,
         world_size=world_size, on_bad_image=d.on_bad_image)
-    mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
-                  switch_prob=d.mixup_switch_prob, label_smoothing=d.label_smoothing,
-                  num_classes=len(train_index.classes), seed=cfg.train.seed)
+    mixup = build_mixup(d, len(train_index.classes), cfg.train.seed)
     return train_index, train_loader, val_loader, mixup
+
+
+def build_mixup(d: DataConfig, num_classes: int, seed: int = 0) -> Mixup:
+    """Mixup/CutMix and label smoothing as the data config says."""
+    from deit_fast.data_pipeline import Mixup
+
+    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
+                 switch_prob=d.mixup_switch_prob, label_smoothing=d.label_smoothing,
+                 num_classes=num_classes, seed=seed)
 
 
 def build_criterion(cfg: Config) -> DistillationLoss:

@@ -21,7 +21,7 @@ from deit_fast.config import Config, load_config, to_dict
 from deit_fast.data_pipeline import Mixup, PlanParams
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
-from deit_fast.run import plan_params
+from deit_fast.run import build_mixup, plan_params
 from deit_fast.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,12 @@ FAULT_ARGS = ("train.checkpoint_interval=2", "train.log_interval=1", "train.epoc
 # deterministic data: no mixup (keyed per rank batch) and no drop path (per-rank RNG)
 EXACT_DATA = ("data.mixup=0.0", "data.cutmix=0.0", "model.drop_path=0.0", "train.epochs=2",
               "optim.lr=0.05", "optim.warmup_epochs=0")  # a large lr: a wrong scaling shows
+
+
+def recipe_mixup(num_classes: int, seed: int = 0, **changes) -> Mixup:
+    """The default config's Mixup (the DeiT recipe), with data-config `changes` applied
+    (mixup=, cutmix=, mixup_prob=, mixup_switch_prob=, label_smoothing=)."""
+    return build_mixup(dataclasses.replace(Config().data, **changes), num_classes, seed)
 
 
 def recipe_plan(**changes) -> PlanParams:
@@ -158,7 +164,7 @@ def tensor_trainer(tmp_path, bad, *extra, precision="fp32"):
                              f"train.output_dir={tmp_path}", *extra])
     labels = torch.arange(24) % 3
     model = create_model(cfg.model.name, num_classes=3, depth=1)
-    mix = Mixup(mixup_alpha=0.0, cutmix_alpha=0.0, num_classes=3)
+    mix = recipe_mixup(3, mixup=0.0, cutmix=0.0)
     loader = TensorLoader(torch.randn(24, 3, 32, 32), labels, 4)
     return Trainer(cfg, model, loader, None, PoisonedLoss(bad), mix, torch.device("cpu"),
                    tmp_path)

@@ -128,3 +128,18 @@ def test_a_shipped_recipe_loads_by_name_and_an_unknown_name_lists_them():
     with pytest.raises(ConfigError, match=r"'deit_smal' does not exist, and it is not a shipped "
                                           r"recipe \(.*deit_small, deit_small_distilled"):
         load_config("deit_smal")
+
+
+def test_mixup_takes_the_recipe_from_the_config_alone():
+    import inspect
+
+    from deit_fast.data_pipeline import Mixup
+    from deit_fast.run import build_mixup
+
+    own = {k: p.default for k, p in inspect.signature(Mixup).parameters.items()}
+    assert all(v is inspect.Parameter.empty for k, v in own.items() if k != "seed")
+    d = Config().data
+    m = build_mixup(d, 7, seed=3)
+    assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.label_smoothing) == \
+        (d.mixup, d.cutmix, d.mixup_prob, d.mixup_switch_prob, d.label_smoothing)
+    assert (m.num_classes, m.seed) == (7, 3)

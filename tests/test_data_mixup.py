@@ -5,7 +5,7 @@ import pytest
 import torch
 from timm.data.mixup import mixup_target
 
-from deit_fast.data_pipeline import Mixup
+from tests.helpers import recipe_mixup
 
 B, C, S = 8, 5, 16
 
@@ -23,7 +23,7 @@ def _one_hot(labels, smoothing):
 
 def test_mixup_matches_a_hand_computation():
     images, labels = _constant_batch()
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=C, seed=3)
+    mixup = recipe_mixup(C, seed=3, mixup=0.8, cutmix=0.0, label_smoothing=0.1)
     lam, box, perm = mixup.draw((4, 17), S, S, B)
     assert box is None and 0 < lam < 1 and sorted(perm.tolist()) == list(range(B))
     extra = torch.softmax(torch.randn(B, C), 1)
@@ -42,7 +42,7 @@ def test_mixup_matches_a_hand_computation():
 
 def test_cutmix_box_area_sets_lambda():
     images, labels = _constant_batch()
-    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=C, seed=0)
+    mixup = recipe_mixup(C, seed=0, mixup=0.0, cutmix=1.0, label_smoothing=0.0)
     for step in range(20):
         mixed, targets, _ = mixup(images, labels, key=(0, step))
         lam, (top, bottom, left, right), perm = mixup.draw((0, step), S, S, B)
@@ -63,7 +63,7 @@ def test_mix_agrees_with_timm_for_the_flip_permutation(monkeypatch):
     permutation, `Mixup.__call__` gives timm's targets and the hand-mixed images."""
     labels = torch.tensor([3, 1, 4, 1, 0, 2, 2, 4])
     images, extra = torch.randn(B, 3, S, S), torch.softmax(torch.randn(B, C), 1)
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=C)
+    mixup = recipe_mixup(C, mixup=0.8, cutmix=0.0, label_smoothing=0.1)
     lam, flip = 0.3, np.arange(B)[::-1].copy()
     monkeypatch.setattr(mixup, "draw", lambda key, height, width, batch: (lam, None, flip))
     mixed, targets, mixed_extra = mixup(images, labels, key=(0, 0), extra=extra)
@@ -75,8 +75,8 @@ def test_mix_agrees_with_timm_for_the_flip_permutation(monkeypatch):
 def test_off_gives_smoothed_one_hot_only():
     images, labels = _constant_batch()
     for mixup in (
-        Mixup(mixup_alpha=0, cutmix_alpha=0, num_classes=C),
-        Mixup(prob=0, num_classes=C),
+        recipe_mixup(C, mixup=0, cutmix=0),
+        recipe_mixup(C, mixup_prob=0),
     ):
         out, targets, extra = mixup(images, labels, key=(1, 2))
         assert torch.equal(out, images) and extra is None  # prob=0 still runs the blend, at 1
@@ -84,7 +84,7 @@ def test_off_gives_smoothed_one_hot_only():
 
 
 def test_draws_are_keyed_and_follow_the_recipe_rates():
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, num_classes=C)
+    mixup = recipe_mixup(C, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5)
     draws = [mixup.draw((0, step), 224, 224, 4) for step in range(2000)]
     again = mixup.draw((0, 5), 224, 224, 4)
     assert again[0] == draws[5][0] and np.array_equal(again[2], draws[5][2])
@@ -94,7 +94,7 @@ def test_draws_are_keyed_and_follow_the_recipe_rates():
     assert (
         abs(lams.mean() - 0.5) < 0.03 and abs(lams.var() - 0.64 / (1.6**2 * 2.6)) < 0.01
     )  # Beta(0.8, 0.8)
-    sometimes = Mixup(prob=0.3, num_classes=C)
+    sometimes = recipe_mixup(C, mixup_prob=0.3)
     applied = np.mean([sometimes.draw((1, s), 8, 8, 4)[2] is not None for s in range(2000)])
     assert abs(applied - 0.3) < 0.04
 
@@ -102,7 +102,7 @@ def test_draws_are_keyed_and_follow_the_recipe_rates():
 def test_integer_extra_is_refused():
     images, labels = _constant_batch()
     with pytest.raises(TypeError, match="extra must be a floating tensor"):
-        Mixup(num_classes=C)(images, labels, key=(0, 0), extra=labels)
+        recipe_mixup(C)(images, labels, key=(0, 0), extra=labels)
 
 
 def _sliced_mix(mixup, images, labels, key, extra):
@@ -125,8 +125,7 @@ def _sliced_mix(mixup, images, labels, key, extra):
 def test_fixed_shape_mix_equals_the_sliced_one(size):
     """Every kind of batch (Mixup, CutMix, boxes at the borders, unmixed) on random images."""
     height, width = size
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, label_smoothing=0.1,
-                  num_classes=C, seed=7)
+    mixup = recipe_mixup(C, seed=7, mixup=0.8, cutmix=1.0, mixup_prob=0.8, label_smoothing=0.1)
     kinds = set()
     for step in range(40):
         images = torch.randn(B, 3, height, width)

@@ -6,14 +6,13 @@ import torch
 
 from deit_fast.cache_teacher import cache_teacher
 from deit_fast.config import load_config
-from deit_fast.data_pipeline import Mixup
 from deit_fast.data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.run import train
 from deit_fast.teacher import TeacherTargets
 from deit_fast.train import Trainer
-from tests.helpers import teacher_setup
+from tests.helpers import recipe_mixup, teacher_setup
 
 B, C = 6, 5
 
@@ -79,7 +78,7 @@ def test_cached_targets_are_mixed_with_the_labels_lambda_and_permutation(logits,
     cls, dist, teacher = logits
     tau = 2.0 if kind == "soft" else 1.0
     t_probs = softmax(teacher.numpy() / tau)
-    mix = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=C, seed=3)
+    mix = recipe_mixup(C, seed=3, mixup=1.0, cutmix=0.0, label_smoothing=0.0)
     labels = torch.arange(B) % C
     images, targets, mixed = mix(torch.zeros(B, 3, 4, 4), labels, key=(0, 1),
                                  extra=torch.from_numpy(t_probs))
@@ -171,7 +170,7 @@ def test_a_short_distilled_run_decreases_both_losses(tmp_path):
     model = create_model(cfg.model.name, num_classes=classes, depth=2)
     loss = RecordingLoss("hard", alpha=0.5)
     loss.seen = []
-    mix = Mixup(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=classes)
+    mix = recipe_mixup(classes, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
     trainer = Trainer(cfg, model, IndexedLoader(images, labels, 16, cache), None, loss, mix,
                       torch.device("cpu"), tmp_path / "run",
                       teacher_targets=TeacherTargets("hard", 1.0, classes))

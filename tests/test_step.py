@@ -10,11 +10,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deit_fast.config import ConfigError, load_config
-from deit_fast.data_pipeline import Mixup
 from deit_fast.evaluate import evaluate
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.ops import KernelChoice
+from deit_fast.run import build_mixup
 from deit_fast.teacher import TeacherTargets
 from deit_fast.train import Trainer
 
@@ -82,9 +82,7 @@ def make_trainer(tmp_path, loader, *overrides, device="cpu", kernels=None, **sha
     torch.manual_seed(0)
     model = create_model(cfg.model.name, num_classes=CLASSES, kernels=kernels,
                          drop_path_rate=cfg.model.drop_path, **{"depth": 1, **shape}).to(device)
-    mix = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
-                prob=cfg.data.mixup_prob, label_smoothing=cfg.data.label_smoothing,
-                num_classes=CLASSES)
+    mix = build_mixup(cfg.data, CLASSES)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     return Trainer(cfg, model, loader, None, criterion, mix, torch.device(device), tmp_path,
                    teacher_targets=TeacherTargets(cfg.distill.type, cfg.distill.tau, CLASSES))

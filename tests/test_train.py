@@ -15,7 +15,7 @@ from deit_fast.models import create_model
 from deit_fast.optim import CosineSchedule, param_groups
 from deit_fast.run import train
 from deit_fast.train import Trainer
-from tests.helpers import TensorLoader, tiny_config, write_tiny_imagefolder
+from tests.helpers import TensorLoader, recipe_mixup, tiny_config, write_tiny_imagefolder
 
 
 def test_schedule_at_known_steps():
@@ -69,7 +69,7 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
     labels = torch.arange(32) % 4
     images = torch.randn(4, 3, 32, 32)[labels] + 0.5 * torch.randn(32, 3, 32, 32)
     model = create_model(cfg.model.name, num_classes=4, depth=2)
-    mix = Mixup(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=4)
+    mix = recipe_mixup(4, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
     trainer = Trainer(cfg, model, TensorLoader(images, labels, 16), None, DistillationLoss(),
                       mix, torch.device("cpu"), tmp_path)
     trainer.fit()
@@ -94,8 +94,9 @@ def test_each_rank_draws_its_own_mixup(tmp_path):
 
     for rank in (0, 1):
         model = create_model(cfg.model.name, num_classes=4, depth=1)
+        mix = Recording(**vars(recipe_mixup(4)))
         trainer = Trainer(cfg, model, TensorLoader(images, labels, 16), None,
-                          DistillationLoss(), Recording(num_classes=4), torch.device("cpu"),
+                          DistillationLoss(), mix, torch.device("cpu"),
                           tmp_path / str(rank), dist=Distributed(rank=rank))
         trainer.train_step(next(trainer.train_loader.epoch(0)))
         trainer.close()
