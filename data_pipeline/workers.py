@@ -7,14 +7,18 @@ Workers are stopped by their parent when the loader shuts down.
 
 Forked torch workers never collect what they inherit: a DALI pipeline left as garbage in
 the parent would run its destructor in the child, which waits forever on threads that
-fork did not copy (`iterate`).
+fork did not copy (`iterate`). And since workers ignore SIGTERM, which is how Python's
+exit hook ends daemonic children, the workers of every loader still running at exit are
+shut down the loader's own way first (`_stop_workers`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import signal
+import weakref
 from collections.abc import Iterable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -26,14 +30,26 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # torch loader iterators with live workers
+
+
 def iterate(loader: Iterable) -> Iterator:
     """iter(loader), with the objects of this process frozen while it forks its workers: the
     children start with them out of the garbage collector's reach, and never collect them."""
     gc.freeze()
     try:
-        return iter(loader)
+        iterator = iter(loader)
     finally:
         gc.unfreeze()
+    if hasattr(iterator, "_shutdown_workers"):
+        _RUNNING.add(iterator)
+    return iterator
+
+
+@atexit.register  # runs before multiprocessing's own exit hook, registered earlier
+def _stop_workers() -> None:
+    for iterator in list(_RUNNING):
+        iterator._shutdown_workers()  # the workers exit on the loader's sentinel
 
 
 @contextlib.contextmanager

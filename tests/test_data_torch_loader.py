@@ -3,6 +3,8 @@
 import gc
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -331,3 +333,16 @@ def test_forked_workers_never_collect_what_they_inherit(tmp_path):
     gc.collect()
     collected_by = {int(pid) for pid in marker.read_text().split()}
     assert collected_by == {os.getpid()} and not workers & collected_by
+
+
+def test_a_process_exits_with_its_loader_workers_still_running(tmp_path):
+    """Workers ignore SIGTERM, which Python's exit hook sends them: exit must not hang."""
+    code = (
+        "import torch; from deit_fast.data_pipeline.workers import ignore_stop_signals, iterate;"
+        "loader = torch.utils.data.DataLoader(list(range(8)), num_workers=1, "
+        "persistent_workers=True, worker_init_fn=ignore_stop_signals);"
+        "batches = iterate(loader); print(next(batches).tolist())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[0]", done.stderr[-2000:]
