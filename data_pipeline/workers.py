@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import multiprocessing
 import signal
 import weakref
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,7 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 
 
 _RUNNING: weakref.WeakSet = weakref.WeakSet()  # torch loader iterators with live workers
+_WORKER_PIDS: set[int] = set()  # every torch loader worker started through `iterate`
 
 
 def iterate(loader: Iterable) -> Iterator:
@@ -43,13 +45,20 @@ def iterate(loader: Iterable) -> Iterator:
         gc.unfreeze()
     if hasattr(iterator, "_shutdown_workers"):
         _RUNNING.add(iterator)
+        _WORKER_PIDS.update(worker.pid for worker in iterator._workers)
     return iterator
 
 
 @atexit.register  # runs before multiprocessing's own exit hook, registered earlier
 def _stop_workers() -> None:
+    """Shut live loaders down their own way (the workers exit on the loader's sentinel); a
+    torch worker still alive after that, which Python's hook would SIGTERM and wait for
+    forever, is killed: a loader that was collected may have lost its sentinel."""
     for iterator in list(_RUNNING):
-        iterator._shutdown_workers()  # the workers exit on the loader's sentinel
+        iterator._shutdown_workers()
+    for child in multiprocessing.active_children():
+        if child.pid in _WORKER_PIDS:  # torch's workers, not DALI's
+            child.kill()
 
 
 @contextlib.contextmanager
