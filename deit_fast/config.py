@@ -105,7 +105,9 @@ class TrainConfig:
     ema_decay: float = 0.99996
     log_interval: int = 50
     eval_interval: int = 1  # epochs
-    checkpoint_interval: int = 0  # steps between last.pt writes inside an epoch; 0: epoch ends
+    # steps between last.pt writes inside an epoch (0: epoch ends only); like max_steps and
+    # stop_check_interval, it takes effect at the first update end at or after each multiple
+    checkpoint_interval: int = 0
     max_steps: int | None = None  # stop (and checkpoint) after this many steps in all
     compile: str = "none"  # torch.compile the model (train and eval)
     compile_fullgraph: bool = False  # torch.compile(fullgraph=True): a graph break is an error
@@ -275,11 +277,6 @@ def validate(cfg: Config) -> Config:
 
 def _validate_step(t: TrainConfig) -> None:
     """Combinations the training step cannot run."""
-    for key in ("checkpoint_interval", "max_steps"):
-        if getattr(t, key) and getattr(t, key) % t.accum_steps:
-            raise ConfigError(f"train.{key}: must be a multiple of train.accum_steps="
-                              f"{t.accum_steps} (a checkpoint falls between updates), got "
-                              f"{getattr(t, key)}")
     if t.cuda_graphs and t.accum_steps > 1:
         raise ConfigError("train.cuda_graphs: the captured step is one whole update; it does "
                           "not combine with train.accum_steps > 1")

@@ -117,6 +117,7 @@ class Trainer:
         self.found_inf = torch.zeros((), device=device)
         self.unit = torch.ones((), device=device)
         self.updated = False  # whether the last train_step ended with an update
+        self.update_step = 0  # global_step at the end of the last update
         # DDP broadcasts rank 0's weights; the EMA copies them after that, from the bare module.
         self.ddp = wrap_ddp(model, device, self.accum_steps > 1) if self.dist.active else None
         self.ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None
@@ -180,6 +181,7 @@ class Trainer:
                                        state["step_in_epoch"] * self.items_per_step)
         self.step_in_epoch = self.item_in_epoch // self.items_per_step
         self.global_step = self.epoch * self.train_loader.steps_per_epoch + self.step_in_epoch
+        self.update_step = self.global_step  # checkpoints are written at update ends
         self.bad_steps.fill_(state.get("bad_steps", 0))
         self.resumed_bad_files = set(state.get("bad_files", ()))
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
@@ -327,18 +329,20 @@ class Trainer:
                                         bar)
                         running.zero_()
                         window_start, window_steps = time.perf_counter(), 0
+                    if not self.updated:  # stops, checkpoints and max_steps wait for the
+                        continue  # update's end: a checkpoint holds no accumulated gradients
                     end_of_epoch = self.step_in_epoch >= steps
-                    # a stop waits for the end of an update: a checkpoint holds no partial
-                    # accumulated gradients
-                    if self.updated and self.stop_requested(end_of_epoch):
+                    since, self.update_step = self.update_step, self.global_step
+                    if self.stop_requested(end_of_epoch or
+                                           self.reached(cfg.stop_check_interval, since)):
                         self.stop_on_signal()
                         return finish()
-                    if cfg.checkpoint_interval and not end_of_epoch and \
-                            self.global_step % cfg.checkpoint_interval == 0:
-                        self.save()
                     if cfg.max_steps and self.global_step >= cfg.max_steps and not end_of_epoch:
                         self.save()
                         return finish()
+                    if cfg.checkpoint_interval and not end_of_epoch and \
+                            self.reached(cfg.checkpoint_interval, since):
+                        self.save()
                 self.end_epoch()
                 if cfg.max_steps and self.global_step >= cfg.max_steps:
                     break
@@ -346,15 +350,19 @@ class Trainer:
         finally:
             bar.close()
 
-    def stop_requested(self, end_of_epoch: bool) -> bool:
-        """One process reads its own flag every step (no device sync). Ranks agree with a
-        gloo all-reduce, a host barrier, only every train.stop_check_interval steps and at
-        epoch ends; every rank reaches those steps together."""
+    def reached(self, interval: int, since: int) -> bool:
+        """Whether the steps after `since`, the previous update end, reached a multiple of
+        `interval`: every interval fires at an update end, whatever the epoch's length."""
+        return self.global_step // interval > since // interval
+
+    def stop_requested(self, agree: bool) -> bool:
+        """At an update end: one process reads its own flag (no device sync). Ranks agree
+        with a gloo all-reduce, a host barrier, only where `agree` (every
+        train.stop_check_interval steps and at epoch ends), which every rank reaches
+        together."""
         if not self.dist.active:
             return bool(self.stop)
-        if end_of_epoch or self.global_step % self.cfg.train.stop_check_interval == 0:
-            return self.dist.any_rank(bool(self.stop))
-        return False
+        return self.dist.any_rank(bool(self.stop)) if agree else False
 
     def count_bad(self, bad: Tensor) -> None:
         if not self.updated:  # a micro-batch that only accumulated: no update to count

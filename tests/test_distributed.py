@@ -69,3 +69,19 @@ def test_two_ranks_match_one_and_resume_on_one_rank(two_ranks):
     for run_dir in (one, out):
         train(tiny_config(data, run_dir, *EXACT_DATA, "data.batch_size=8", "train.max_steps=5"))
     assert_same_run(one, out, atol=1e-4)
+
+
+def test_ranks_agree_to_stop_at_an_update_end_in_an_odd_epoch(tmp_path):
+    """Two ranks of batch 2, 7 steps an epoch in updates of 2: epoch 1's update ends (9, 11,
+    13) are all odd. SIGTERM on rank 1 as step 8 starts; with train.stop_check_interval=4 the
+    ranks agree at the first update end past step 8, step 9, not at the epoch's end (14)."""
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data)  # 30 images, 2 repeats: 7 global batches of 4 an epoch
+    out = tmp_path / "run"
+    run = torchrun("--send", "SIGTERM", "--at", "8", "--rank", "1", "--",
+                   *overrides(data, out, *EXACT_DATA, "data.batch_size=2", "train.epochs=3",
+                              "train.accum_steps=2", "train.stop_check_interval=4"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "stopped on request at step 9" in run.stderr
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 9)

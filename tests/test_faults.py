@@ -69,6 +69,23 @@ def test_sigkill_then_rerun_ends_identical(data, straight, during_write):
     assert not list((out / "checkpoints").glob(".*.tmp"))  # the killed write's file is gone
 
 
+def test_sigkill_under_accumulation_resumes_identical(data):
+    """7 steps an epoch in updates of 2: in epoch 1 the update ends (9, 11, 13) fall between
+    the multiples of train.checkpoint_interval=2, and the checkpoints wait for them. Killed
+    as step 12 starts, the run holds step 11's checkpoint (not a half update's at 12) and
+    resumes to the parameters of an uninterrupted run, bit for bit."""
+    args = ("data.batch_size=4", "train.accum_steps=2", "train.max_steps=14")
+    straight = data.parent / "accumulated"
+    train(tiny_config(data, straight, *FAULT_ARGS, *args))
+    out = data.parent / "accumulated-killed"
+    killed = run_driver("--at", "12", "--", *overrides(data, out, *args))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["global_step"] == 11
+    train(tiny_config(data, out, *FAULT_ARGS, *args))
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["global_step"] == 14
+    assert_same_run(straight, out)
+
+
 def test_sigterm_checkpoints_exits_zero_and_resumes_identical(data, straight):
     out = data.parent / "terminated"
     stopped = run_driver("--send", "SIGTERM", "--at", "3", "--",

@@ -251,10 +251,26 @@ def test_accumulating_micro_batches_skip_the_ddp_all_reduce(tmp_path):
     assert entered == [0, 2] and updates == [False, True, False, True, True]
 
 
+def test_checkpoints_and_max_steps_fall_on_update_ends_in_every_epoch(tmp_path, monkeypatch):
+    """7 steps an epoch, updates of 2: the update ends are 2, 4, 6, 7 in epoch 0 and 9, 11,
+    13, 14 in epoch 1, between the multiples of checkpoint_interval=2; each checkpoint waits
+    for the update end after its multiple, and so does max_steps=12."""
+    loader = Loader(7, 4, "cpu")
+    trainer = make_trainer(tmp_path, loader, "data.batch_size=4", "train.accum_steps=2",
+                           "train.checkpoint_interval=2", "train.epochs=3", "train.max_steps=12",
+                           "optim.warmup_epochs=0")
+    saved = []
+    monkeypatch.setattr(trainer, "save", lambda name="last.pt": saved.append(
+        (trainer.global_step, trainer.step_in_epoch, name)))
+    summary = trainer.fit()
+    trainer.close()
+    assert [(step, name) for step, _, name in saved] == [
+        (2, "last.pt"), (4, "last.pt"), (6, "last.pt"), (7, "last.pt"),  # 7: the epoch's end
+        (9, "last.pt"), (11, "last.pt"), (13, "last.pt")]  # 13: max_steps, at the update end
+    assert summary["global_step"] == 13
+
+
 def test_step_keys_that_cannot_combine_are_refused():
-    with pytest.raises(ConfigError, match="train.checkpoint_interval: must be a multiple of "
-                                          "train.accum_steps=4"):
-        load_config(None, ["train.accum_steps=4", "train.checkpoint_interval=6"])
     with pytest.raises(ConfigError, match="train.cuda_graphs: .* train.accum_steps > 1"):
         load_config(None, ["train.accum_steps=2", "train.cuda_graphs=true"])
     with pytest.raises(ConfigError, match="train.compile: 'fast' is not one of none, default"):
