@@ -1,18 +1,20 @@
 """Mixup / CutMix on the training device, with timm's batch-mode semantics.
 
-Per batch: with probability `prob`, mix with a random permutation of the batch, by Mixup
-(lambda ~ Beta(mixup_alpha)) or CutMix (lambda ~ Beta(cutmix_alpha), a box of area
-1 - lambda, lambda corrected to the clipped box), switching with `switch_prob` when both
-are on. Lambda, box and permutation come from the key (e.g. (epoch, step), plus the rank
-for per-rank draws), never from a global RNG; they are drawn on the host, so no device
-sync. Labels become label-smoothed one-hot targets mixed with the same lambda and
-permutation, and so does `extra` (teacher targets: teacher(mix(a, b)) is approximated by
-mix(teacher(a), teacher(b))).
+Per batch: with probability `prob`, mix sample i with sample B - 1 - i (the batch
+flipped, as timm's batch mode and so the official DeiT code pair them), by Mixup
+(lambda ~ Beta(mixup_alpha)) or CutMix (lambda ~ Beta(cutmix_alpha), timm's rand_bbox of
+area 1 - lambda, lambda corrected to the clipped box), switching with `switch_prob` when
+both are on. Lambda and box come from the key ((epoch, step, rank): each rank draws its
+own, as timm's per-process Mixup does), never from a global RNG; they are drawn on the
+host, so no device sync. tests/test_timm_parity.py checks images and targets against
+timm's Mixup on the same draw. Labels become label-smoothed one-hot targets mixed with
+the same lambda and pairing, and so does `extra` (teacher targets: teacher(mix(a, b)) is
+approximated by mix(teacher(a), teacher(b))).
 
 On the device every batch runs the same ops on the same shapes, whatever was drawn: the
 draw becomes two small tensors (`params`), and `apply` blends each pixel with its partner
 by a per-pixel weight, lambda everywhere for Mixup, 0 inside the box and 1 outside for
-CutMix, 1 for a batch left unmixed (the identity permutation). Nothing depends on the
+CutMix, 1 for a batch left unmixed (paired with itself). Nothing depends on the
 drawn values through a shape or a host read, so the step can be captured in a CUDA graph.
 """
 
@@ -21,9 +23,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .keyed_random import generator
+from .keyed_random import Domain, generator
 
-_STREAM = 2  # keeps mixup draws apart from the plan and the sampler under the same seed
+
+def cutmix_box(lam: float, centre: tuple[int, int], height: int, width: int
+               ) -> tuple[int, int, int, int]:
+    """timm's rand_bbox: a box of sides sqrt(1 - lam) of the image's about `centre` (row,
+    column), clipped to the image; (top, bottom, left, right). An odd side keeps its extra
+    pixel below and to the right, as timm 1.0 does (older timm dropped it)."""
+    cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
+    cy, cx = centre
+    return (max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height),
+            max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width))
 
 
 class Mixup:
@@ -44,9 +55,10 @@ class Mixup:
         self.prob, self.switch_prob = prob, switch_prob
         self.label_smoothing, self.num_classes, self.seed = label_smoothing, num_classes, seed
 
-    def draw(self, key: tuple[int, ...], height: int, width: int, batch_size: int):
-        """(lambda, box (top, bottom, left, right) or None, permutation) of one batch."""
-        g = generator(self.seed, _STREAM, *key)
+    def draw(self, key: tuple[int, int, int], height: int, width: int, batch_size: int):
+        """(lambda, box (top, bottom, left, right) or None, pairing or None) of the batch
+        at key (epoch, step, rank); the pairing is the flip, None for an unmixed batch."""
+        g = generator(Domain.MIXUP, self.seed, *key)
         if not self.enabled or g.random() >= self.prob:
             return 1.0, None, None
         use_cutmix = self.cutmix_alpha > 0 and (
@@ -54,14 +66,12 @@ class Mixup:
         )
         lam = float(g.beta(*(2 * [self.cutmix_alpha if use_cutmix else self.mixup_alpha])))
         box = None
-        if use_cutmix:  # timm's rand_bbox with correct_lam=True
-            cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
-            cy, cx = int(g.integers(0, height)), int(g.integers(0, width))
-            top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-            left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-            box = (top, bottom, left, right)
-            lam = 1 - (bottom - top) * (right - left) / (height * width)
-        return lam, box, g.permutation(batch_size)
+        if use_cutmix:
+            centre = int(g.integers(0, height)), int(g.integers(0, width))
+            box = cutmix_box(lam, centre, height, width)
+            top, bottom, left, right = box
+            lam = 1 - (bottom - top) * (right - left) / (height * width)  # timm's correct_lam
+        return lam, box, np.arange(batch_size)[::-1].copy()
 
     @property
     def enabled(self) -> bool:

@@ -1,8 +1,10 @@
 """The plan's per-image decisions applied to a PIL image (the torch fallback's path).
 
-RandAugment ops follow timm's definitions (PIL ops, shear and translate about the
-top-left corner, rotate about the centre, geometric fill = the mean colour); the
-parameter of each op comes ready-made from the plan (see plan._op_param).
+RandAugment ops are timm's (the same PIL calls: shear and translate about the top-left
+corner, rotate about the centre, bicubic resampling as the DeiT recipe's
+train_interpolation gives them, geometric fill = the mean colour); the parameter of each
+op comes ready-made from the plan (plan.rand_augment_param). tests/test_timm_parity.py
+compares every op with timm's, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .plan import RA_OPS
 
 def _affine(img: Image.Image, coeffs: tuple, fill: tuple[int, int, int]) -> Image.Image:
     return img.transform(
-        img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=fill
+        img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BICUBIC, fillcolor=fill
     )
 
 
@@ -41,7 +43,7 @@ def apply_rand_augment_op(
     if name == "invert":
         return ImageOps.invert(img)
     if name == "rotate":
-        return img.rotate(param, resample=Image.Resampling.BILINEAR, fillcolor=fill)
+        return img.rotate(param, resample=Image.Resampling.BICUBIC, fillcolor=fill)
     if name == "posterize":
         return ImageOps.posterize(img, int(param))
     if name == "solarize":

@@ -4,26 +4,30 @@ Key. A view of a sample is keyed by (seed, view, sample). The sampler decides wh
 each showing gets (RepeatedAugSampler.views: one per (cycle, repeat), mod V when a run
 replays a teacher cache of V views); the repeat id lives inside the view, so the teacher
 cache can ask for "view v of sample i" without knowing epochs. Each decision reads its own
-fixed stream id under that key (see `_S_*`), so decisions never shift when others are added.
+fixed decision id under that key (see `_S_*`; the key's domain is keyed_random.Domain.PLAN),
+so decisions never shift when others are added.
 
-Decisions follow the DeiT recipe (timm's create_transform): RandomResizedCrop exactly as
-torchvision draws it (10 attempts, centre-crop fallback), horizontal flip, timm's
-RandAugment (n ops, each applied with probability p, magnitude ~ N(m, mstd) clipped to
-[0, mmax], random sign), then timm's RandomErasing (one box, area 2%-33%, aspect 0.3-3.3)
-in normalized space. The crop needs the decoded image size: callers pass it from the
-file header. Everything is vectorised numpy and a pure function of (key, image size).
+Decisions follow the DeiT recipe as timm's create_transform draws it (the official DeiT
+code's): RandomResizedCrop (10 attempts, centre-crop fallback), horizontal flip, timm's
+RandAugment (n ops drawn with replacement, each applied with probability p, magnitude m,
+N(m, mstd) or uniform, clipped to [0, mmax], random sign: `RandAugmentConfig`), then
+timm's RandomErasing (one box, area 2%-33%, aspect 0.3-3.3) in normalized space. The crop
+needs the decoded image size: callers pass it from the file header. Everything is
+vectorised numpy and a pure function of (key, image size). tests/test_timm_parity.py
+compares each decision with timm's.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .keyed_random import generator, uniform
+from .keyed_random import Domain, generator, uniform
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -66,51 +70,62 @@ _ATTEMPTS = 10  # torchvision's RandomResizedCrop and timm's RandomErasing both 
 _S_CROP_SCALE, _S_CROP_RATIO, _S_CROP_I, _S_CROP_J, _S_FLIP = 0, 10, 20, 21, 22
 _S_RA = 30  # + 8 * layer + {0: op, 1: apply, 2-3: gaussian, 4: sign}
 _S_ERASE, _S_ERASE_AREA, _S_ERASE_ASPECT, _S_ERASE_TOP, _S_ERASE_LEFT = 100, 101, 111, 121, 122
-_S_ERASE_NOISE = 123
-_S_REPLACE = 200  # + attempt: replacement for an unreadable file
 ERASE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
 _ERASE_AREA = (0.02, 1 / 3)
 _ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 
 
+_RA_VALUE = re.compile(r"(\d.*)")  # timm splits a section at its first digit
+_LEVEL_DENOM = 10.0  # timm: magnitude m is level m / 10 of each op's range
+
+
 @dataclass(frozen=True)
 class RandAugmentConfig:
-    """timm's RandAugment string, e.g. "rand-m9-mstd0.5-inc1" (keys m, n, mstd, mmax, inc, p)."""
+    """timm's RandAugment string ("rand-m9-mstd0.5-inc1"), read as timm's
+    `rand_augment_transform` reads it, with its defaults: m, the integer magnitude (10);
+    n, ops per image (2); p, each op's probability (0.5); mstd, the std of the magnitude's
+    noise (0; above 100 the magnitude is uniform in [0, m]); mmax, the integer the magnitude
+    is clipped to (10; 0 means 10); inc, 0 or 1, the ops whose strength grows with the
+    magnitude (0). The DeiT recipe spells every key it relies on."""
 
-    magnitude: float = 9.0
+    magnitude: int = 10
     num_layers: int = 2
-    magnitude_std: float = 0.5
-    magnitude_max: float = 10.0
-    increasing: bool = True
     prob: float = 0.5
+    magnitude_std: float = 0.0  # inf: uniform in [0, magnitude]
+    magnitude_max: int = 10
+    increasing: bool = False
 
     @classmethod
     def parse(cls, text: str) -> RandAugmentConfig:
         parts = text.split("-")
         if parts[0] != "rand":
             raise ValueError(
-                f"rand_augment {text!r}: must start with 'rand-', e.g. 'rand-m9-mstd0.5'"
+                f"rand_augment {text!r}: must start with 'rand-', e.g. 'rand-m9-mstd0.5-inc1'"
             )
-        keys = {
-            "mstd": "magnitude_std",
-            "mmax": "magnitude_max",
-            "inc": "increasing",
-            "m": "magnitude",
-            "n": "num_layers",
-            "p": "prob",
+        readers = {
+            "m": ("magnitude", int),
+            "n": ("num_layers", int),
+            "p": ("prob", float),
+            "mstd": ("magnitude_std", lambda v: math.inf if float(v) > 100 else float(v)),
+            "mmax": ("magnitude_max", lambda v: int(v) or int(_LEVEL_DENOM)),
+            "inc": ("increasing", lambda v: bool(int(v))),
         }
-        values: dict[str, float] = {}
+        values = {}
         for part in parts[1:]:
-            key = next((k for k in keys if part.startswith(k)), "")
-            try:
-                values[keys[key]] = float(part[len(key) :])
-            except (KeyError, ValueError):
+            name, value = (_RA_VALUE.split(part) + [""])[:2]
+            if name not in readers:
                 raise ValueError(
-                    f"rand_augment {text!r}: cannot read {part!r}; accepted keys: {sorted(keys)}"
+                    f"rand_augment {text!r}: cannot read {part!r}; accepted keys: "
+                    f"{', '.join(readers)} (timm's transform sets, 't...', are not supported)"
+                )
+            field, read = readers[name]
+            try:
+                values[field] = read(value)
+            except ValueError:
+                raise ValueError(
+                    f"rand_augment {text!r}: {part!r} needs a number after {name!r}"
+                    f"{' (an integer)' if read is int or name == 'mmax' else ''}"
                 ) from None
-        for name, cast in (("num_layers", int), ("increasing", bool)):
-            if name in values:
-                values[name] = cast(values[name])
         return cls(**values)
 
 
@@ -153,7 +168,7 @@ class ViewDecisions:
     crop: np.ndarray  # int64 [N, 4] in source-image pixels
     flip: np.ndarray  # bool [N]
     ra_op: np.ndarray  # int64 [N, L] index into RA_OPS
-    ra_param: np.ndarray  # float32 [N, L] the op's parameter (degrees, factor, bits, ...)
+    ra_param: np.ndarray  # float64 [N, L] the op's parameter (degrees, factor, bits, ...)
     erase: np.ndarray  # int64 [N, 4] in output pixels
 
 
@@ -171,7 +186,7 @@ class AugmentationPlan:
         views, samples, heights, widths = np.broadcast_arrays(
             *(np.asarray(a, np.int64) for a in (views, samples, heights, widths))
         )
-        u = lambda stream: uniform(self.seed, views, samples, stream)
+        u = lambda decision: uniform(Domain.PLAN, self.seed, views, samples, decision)
         p = self.params
         return ViewDecisions(
             crop=self._crop(u, heights, widths),
@@ -182,7 +197,7 @@ class AugmentationPlan:
 
     def erase_noise(self, view: int, sample: int, height: int, width: int) -> np.ndarray:
         """float32 [3, h, w] fill of view's erasing box in normalized space (timm's modes)."""
-        g = generator(self.seed, view, sample, _S_ERASE_NOISE)
+        g = generator(Domain.ERASE_NOISE, self.seed, view, sample)
         if self.params.remode == "pixel":
             return g.standard_normal((3, height, width), dtype=np.float32)
         if self.params.remode == "rand":
@@ -217,19 +232,28 @@ class AugmentationPlan:
     def _rand_augment(self, u, n: int) -> dict[str, np.ndarray]:
         cfg = self.params.rand_augment_config
         if cfg is None:
-            return {"ra_op": np.zeros((n, 0), np.int64), "ra_param": np.zeros((n, 0), np.float32)}
+            return {"ra_op": np.zeros((n, 0), np.int64), "ra_param": np.zeros((n, 0))}
         layers = np.arange(cfg.num_layers)[:, None] * 8 + _S_RA
         op = 1 + np.floor(u(layers) * (len(RA_OPS) - 1)).astype(np.int64)
         op = np.where(u(layers + 1) < cfg.prob, op, 0)
-        gauss = np.sqrt(-2 * np.log1p(-u(layers + 2))) * np.cos(2 * np.pi * u(layers + 3))
-        level = np.clip(cfg.magnitude + cfg.magnitude_std * gauss, 0, cfg.magnitude_max) / 10
+        level = self._ra_magnitude(cfg, u, layers) / _LEVEL_DENOM
         sign = np.where(u(layers + 4) < 0.5, -1.0, 1.0)
         param = np.zeros_like(level)
         for index, name in enumerate(RA_OPS):
             mask = op == index
             if mask.any():
-                param[mask] = _op_param(name, level[mask], sign[mask], cfg.increasing)
-        return {"ra_op": op.T.copy(), "ra_param": param.T.astype(np.float32)}
+                param[mask] = rand_augment_param(name, level[mask], sign[mask], cfg.increasing)
+        return {"ra_op": op.T.copy(), "ra_param": param.T.copy()}
+
+    @staticmethod
+    def _ra_magnitude(cfg: RandAugmentConfig, u, layers: np.ndarray) -> np.ndarray:
+        """timm's AugmentOp: m, N(m, mstd) or uniform in [0, m], clipped to [0, mmax]."""
+        if math.isinf(cfg.magnitude_std):
+            magnitude = cfg.magnitude * u(layers + 2)
+        else:  # Box-Muller from two keyed uniforms
+            gauss = np.sqrt(-2 * np.log1p(-u(layers + 2))) * np.cos(2 * np.pi * u(layers + 3))
+            magnitude = cfg.magnitude + cfg.magnitude_std * gauss
+        return np.clip(magnitude, 0, cfg.magnitude_max)
 
     def _erase(self, u) -> np.ndarray:
         s = self.params.image_size
@@ -250,8 +274,10 @@ class AugmentationPlan:
         return np.stack([top, left, h, w], axis=1) * keep[:, None]
 
 
-def _op_param(name: str, level: np.ndarray, sign: np.ndarray, increasing: bool) -> np.ndarray:
-    """timm's level_to_arg for one op; level is magnitude / 10 (1.0 = timm level 10)."""
+def rand_augment_param(name: str, level: np.ndarray, sign: np.ndarray,
+                       increasing: bool) -> np.ndarray:
+    """timm's level_to_arg for op `name` of RA_OPS; level is magnitude / 10 (1.0 = timm's
+    magnitude 10), sign the draw of timm's _randomly_negate (used by the signed ops)."""
     signed = level * sign if name in _SIGNED_OPS else level
     if name == "rotate":
         return 30 * signed
@@ -259,14 +285,14 @@ def _op_param(name: str, level: np.ndarray, sign: np.ndarray, increasing: bool) 
         return 0.3 * signed
     if name in ("translate_x", "translate_y"):
         return 0.45 * signed  # fraction of the image side, timm's translate_pct
-    if name == "posterize":  # bits kept; at least 1, as Pillow >= 10 and DALI require
-        bits = np.floor(level * 4)
-        return np.maximum(1, 4 - bits if increasing else bits)
+    if name == "posterize":  # bits kept; timm's 0 bits (inc1 at magnitude 10) is refused by
+        bits = np.floor(level * 4)  # Pillow >= 10 (and DALI), so 1; 8 or more keeps the image
+        return np.clip(4 - bits if increasing else bits, 1, 8)
     if name == "solarize":  # threshold
         threshold = np.minimum(256, np.floor(level * 256))
         return 256 - threshold if increasing else threshold
     if name == "solarize_add":
-        return np.floor(level * 110)
+        return np.minimum(128, np.floor(level * 110))
     if name in _ENHANCE_OPS:  # blend factor, 1 = unchanged
         return np.maximum(0.1, 1 + 0.9 * signed) if increasing else 0.1 + 1.8 * level
     return np.zeros_like(level)
@@ -274,4 +300,4 @@ def _op_param(name: str, level: np.ndarray, sign: np.ndarray, increasing: bool) 
 
 def replacement_sample(seed: int, view: int, sample: int, attempt: int, num_samples: int) -> int:
     """The sample shown instead of an unreadable one: a pure function of the key."""
-    return int(uniform(seed, view, sample, _S_REPLACE + attempt) * num_samples)
+    return int(uniform(Domain.REPLACEMENT, seed, view, sample, attempt) * num_samples)

@@ -24,9 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .keyed_random import generator
-
-_STREAM = 1  # keeps sampler permutations apart from plan keys that share the seed
+from .keyed_random import Domain, generator
 
 
 def full_views(epochs: int, repeats: int) -> int:
@@ -68,7 +66,7 @@ class RepeatedAugSampler:
         if self._cached is None or self._cached[0] != epoch:
             n, r = self.num_samples, self.repeats
             cycle, phase = divmod(epoch, r)
-            order = generator(self.seed, _STREAM, cycle).permutation(n)
+            order = generator(Domain.SAMPLER, self.seed, cycle).permutation(n)
             chosen = order[phase * n // r : (phase + 1) * n // r]
             self._cached = (epoch, (np.repeat(chosen, r), np.tile(np.arange(r), len(chosen))))
         return self._cached[1]

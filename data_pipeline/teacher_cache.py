@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: keyed random domains, timm's RandAugment defaults
 MANIFEST = "manifest.json"
 NOT_SHOWN = -1  # the class index of a row the planned run never reads
 # Fields a run must agree on with the cache; anything else in the manifest is bookkeeping.
@@ -148,9 +148,11 @@ def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: st
     """Refuse a cache whose identity differs from `expected` (fields absent there are
     skipped); a differing field named in warn_only is a warning instead."""
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise TeacherCacheMismatch(f"teacher cache {where}: field 'format_version' is "
-                                   f"{manifest.get('format_version')!r}, this code reads "
-                                   f"{FORMAT_VERSION}; {PRODUCE_HINT}")
+        raise TeacherCacheMismatch(
+            f"teacher cache {where} was written by another version of deit-fast (field "
+            f"'format_version' is {manifest.get('format_version')!r}, this one reads "
+            f"{FORMAT_VERSION}, and draws its views and batches differently): rebuild it in "
+            f"another distill.cache_dir, or remove {where} first; {PRODUCE_HINT}")
     for key in IDENTITY_FIELDS:
         if key in expected and manifest.get(key) != expected[key]:
             message = (f"teacher cache {where} does not match this run: field {key!r} is "

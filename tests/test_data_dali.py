@@ -27,6 +27,7 @@ from deit_fast.data_pipeline.plan import RA_OPS  # noqa: E402
 from tests.helpers import recipe_plan  # noqa: E402
 
 SIZE = 64
+GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
@@ -103,8 +104,11 @@ def test_dali_rand_augment_ops_match_pil():
         ours = np.asarray(out[i], np.float64)
         ref = np.asarray(apply_rand_augment_op(img, i, float(params[i]), fill), np.float64)
         db = 10 * np.log10(255**2 / max(((ours - ref) ** 2).mean(), 1e-10))
-        # DALI's equalize follows OpenCV's lookup table, PIL's differs slightly
-        assert db >= (20 if name == "equalize" else 35), name
+        # DALI's equalize follows OpenCV's lookup table, PIL's differs slightly; DALI's
+        # warps are bilinear only (warp_affine and rotate refuse cubic), where the torch
+        # backend resamples bicubically as timm does: 31.4-35.8 dB here (38-45 dB against
+        # a bilinear PIL)
+        assert db >= {"equalize": 20, **dict.fromkeys(GEOMETRIC, 30)}.get(name, 35), name
 
 
 def test_dali_rand_augment_and_resume(photo_tree):

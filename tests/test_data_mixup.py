@@ -24,10 +24,10 @@ def _one_hot(labels, smoothing):
 def test_mixup_matches_a_hand_computation():
     images, labels = _constant_batch()
     mixup = recipe_mixup(C, seed=3, mixup=0.8, cutmix=0.0, label_smoothing=0.1)
-    lam, box, perm = mixup.draw((4, 17), S, S, B)
+    lam, box, perm = mixup.draw((4, 17, 0), S, S, B)
     assert box is None and 0 < lam < 1 and sorted(perm.tolist()) == list(range(B))
     extra = torch.softmax(torch.randn(B, C), 1)
-    mixed, targets, mixed_extra = mixup(images, labels, key=(4, 17), extra=extra)
+    mixed, targets, mixed_extra = mixup(images, labels, key=(4, 17, 0), extra=extra)
     for i in range(B):
         j = int(perm[i])
         assert torch.allclose(mixed[i], torch.full((3, S, S), lam * i + (1 - lam) * j))
@@ -44,8 +44,8 @@ def test_cutmix_box_area_sets_lambda():
     images, labels = _constant_batch()
     mixup = recipe_mixup(C, seed=0, mixup=0.0, cutmix=1.0, label_smoothing=0.0)
     for step in range(20):
-        mixed, targets, _ = mixup(images, labels, key=(0, step))
-        lam, (top, bottom, left, right), perm = mixup.draw((0, step), S, S, B)
+        mixed, targets, _ = mixup(images, labels, key=(0, step, 0))
+        lam, (top, bottom, left, right), perm = mixup.draw((0, step, 0), S, S, B)
         for i in range(B):
             from_other = (mixed[i] != i).float().mean().item() if perm[i] != i else 0.0
             area = (bottom - top) * (right - left) / S**2
@@ -66,7 +66,7 @@ def test_mix_agrees_with_timm_for_the_flip_permutation(monkeypatch):
     mixup = recipe_mixup(C, mixup=0.8, cutmix=0.0, label_smoothing=0.1)
     lam, flip = 0.3, np.arange(B)[::-1].copy()
     monkeypatch.setattr(mixup, "draw", lambda key, height, width, batch: (lam, None, flip))
-    mixed, targets, mixed_extra = mixup(images, labels, key=(0, 0), extra=extra)
+    mixed, targets, mixed_extra = mixup(images, labels, key=(0, 0, 0), extra=extra)
     torch.testing.assert_close(targets, mixup_target(labels, C, lam=lam, smoothing=0.1))
     torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
     torch.testing.assert_close(mixed_extra, lam * extra + (1 - lam) * extra.flip(0))
@@ -78,15 +78,15 @@ def test_off_gives_smoothed_one_hot_only():
         recipe_mixup(C, mixup=0, cutmix=0),
         recipe_mixup(C, mixup_prob=0),
     ):
-        out, targets, extra = mixup(images, labels, key=(1, 2))
+        out, targets, extra = mixup(images, labels, key=(1, 2, 0))
         assert torch.equal(out, images) and extra is None  # prob=0 still runs the blend, at 1
         torch.testing.assert_close(targets, _one_hot(labels, 0.1))
 
 
 def test_draws_are_keyed_and_follow_the_recipe_rates():
     mixup = recipe_mixup(C, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5)
-    draws = [mixup.draw((0, step), 224, 224, 4) for step in range(2000)]
-    again = mixup.draw((0, 5), 224, 224, 4)
+    draws = [mixup.draw((0, step, 0), 224, 224, 4) for step in range(2000)]
+    again = mixup.draw((0, 5, 0), 224, 224, 4)
     assert again[0] == draws[5][0] and np.array_equal(again[2], draws[5][2])
     cutmix = np.mean([box is not None for _, box, _ in draws])
     assert abs(cutmix - 0.5) < 0.05
@@ -95,14 +95,14 @@ def test_draws_are_keyed_and_follow_the_recipe_rates():
         abs(lams.mean() - 0.5) < 0.03 and abs(lams.var() - 0.64 / (1.6**2 * 2.6)) < 0.01
     )  # Beta(0.8, 0.8)
     sometimes = recipe_mixup(C, mixup_prob=0.3)
-    applied = np.mean([sometimes.draw((1, s), 8, 8, 4)[2] is not None for s in range(2000)])
+    applied = np.mean([sometimes.draw((1, s, 0), 8, 8, 4)[2] is not None for s in range(2000)])
     assert abs(applied - 0.3) < 0.04
 
 
 def test_integer_extra_is_refused():
     images, labels = _constant_batch()
     with pytest.raises(TypeError, match="extra must be a floating tensor"):
-        recipe_mixup(C)(images, labels, key=(0, 0), extra=labels)
+        recipe_mixup(C)(images, labels, key=(0, 0, 0), extra=labels)
 
 
 def _sliced_mix(mixup, images, labels, key, extra):
@@ -131,10 +131,10 @@ def test_fixed_shape_mix_equals_the_sliced_one(size):
         images = torch.randn(B, 3, height, width)
         labels = torch.randint(0, C, (B,))
         extra = torch.softmax(torch.randn(B, C), 1)
-        lam, box, perm = mixup.draw((2, step), height, width, B)
+        lam, box, perm = mixup.draw((2, step, 0), height, width, B)
         kinds.add("none" if perm is None else "mixup" if box is None else "cutmix")
-        got = mixup(images, labels, key=(2, step), extra=extra)
-        expected = _sliced_mix(mixup, images, labels, (2, step), extra)
+        got = mixup(images, labels, key=(2, step, 0), extra=extra)
+        expected = _sliced_mix(mixup, images, labels, (2, step, 0), extra)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
     assert kinds == {"none", "mixup", "cutmix"}

@@ -130,10 +130,14 @@ def test_rand_augment_off_and_parsing():
 
 
 def test_enhance_factor_follows_timm_increasing_mapping():
-    plan = AugmentationPlan(recipe_plan(rand_augment="rand-m10-mstd0-p1"), 0)
+    plan = AugmentationPlan(recipe_plan(rand_augment="rand-m10-mstd0-p1-inc1"), 0)
     d = plan.draw(np.zeros(2000, np.int64), np.arange(2000), 64, 64)
     brightness = d.ra_param[d.ra_op == RA_OPS.index("brightness")]
     np.testing.assert_allclose(np.unique(brightness), [0.1, 1.9], atol=1e-6)
     shear = np.unique(d.ra_param[d.ra_op == RA_OPS.index("shear_x")])
     np.testing.assert_allclose(shear, [-0.3, 0.3], atol=1e-6)
     assert math.isclose(np.unique(d.ra_param[d.ra_op == RA_OPS.index("solarize")])[0], 0.0)
+    plain = AugmentationPlan(recipe_plan(rand_augment="rand-m10-mstd0-p1"), 0)  # timm: inc0
+    d = plain.draw(np.zeros(2000, np.int64), np.arange(2000), 64, 64)
+    np.testing.assert_allclose(np.unique(d.ra_param[d.ra_op == RA_OPS.index("brightness")]),
+                               [1.9], atol=1e-6)

@@ -80,9 +80,9 @@ def test_cached_targets_are_mixed_with_the_labels_lambda_and_permutation(logits,
     t_probs = softmax(teacher.numpy() / tau)
     mix = recipe_mixup(C, seed=3, mixup=1.0, cutmix=0.0, label_smoothing=0.0)
     labels = torch.arange(B) % C
-    images, targets, mixed = mix(torch.zeros(B, 3, 4, 4), labels, key=(0, 1),
+    images, targets, mixed = mix(torch.zeros(B, 3, 4, 4), labels, key=(0, 1, 0),
                                  extra=torch.from_numpy(t_probs))
-    lam, _, perm = mix.draw((0, 1), 4, 4, B)
+    lam, _, perm = mix.draw((0, 1, 0), 4, 4, B)
     assert 0 < lam < 1
     expected_mix = lam * t_probs + (1 - lam) * t_probs[perm]
     np.testing.assert_allclose(mixed.numpy(), expected_mix, rtol=1e-6)

@@ -103,6 +103,15 @@ def test_manifest_mismatch_names_the_field(tmp_path, field, value):
         ShardWriter(tmp_path, header(**{field: value}))  # resuming into another cache
 
 
+def test_a_cache_of_an_earlier_format_is_refused_with_how_to_rebuild(tmp_path):
+    write_random_cache(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(TeacherCacheMismatch, match=r"another version of deit-fast \(field "
+                       r"'format_version' is 2.*rebuild it.*cache-teacher"):
+        TeacherCache(tmp_path)
+
+
 def test_rebuilt_distribution_spreads_the_rest():
     probs = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.1]])
     log_probs, indices = probs.log().topk(2)
