@@ -178,7 +178,7 @@ def pil_stages(index, inputs: Inputs, args) -> dict[str, float]:
             )
         )
     views = TrainViews(index, inputs.plan, "skip", finish_in_worker=True)
-    keys = [(0, i % len(index), 0) for i in range(count)]
+    keys = [(0, i % len(index), 0, 0, i % len(index)) for i in range(count)]
     steps["whole pipeline"] = lambda: views.__getitems__(keys)
     return {
         name: least_cpu_ms(run, count, args.rounds, clock=time.process_time)

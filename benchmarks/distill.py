@@ -2,8 +2,9 @@
 
 Each row times `Trainer.train_step` (mixup, the configured loss, backward, AdamW, EMA, the
 NaN guard) on one batch already on the device, for the same student: no distillation;
-hard distillation from the cache (the batch carries the teacher's top-k, as the loader's
-workers attach it; the step rebuilds and mixes the distribution); hard distillation from
+hard distillation from a batches cache (the batch carries the teacher's top-k of its mixed
+images, as the loader's workers attach it; the step rebuilds the distribution); hard
+distillation from
 the online teacher (its forward on every mixed batch). The cache's lookup runs in the
 loader's workers, off the step; its CPU time per batch is reported beside the table.
 Weights are random: only time matters.
@@ -36,7 +37,7 @@ from deit_fast.config import load_config  # noqa: E402
 from deit_fast.data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header  # noqa: E402
 from deit_fast.losses import DistillationLoss  # noqa: E402
 from deit_fast.models import MODEL_SPECS, create_model  # noqa: E402
-from deit_fast.run import build_mixup  # noqa: E402
+from deit_fast.recipe import build_mixup  # noqa: E402
 from deit_fast.teacher import TeacherTargets  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
 
@@ -48,11 +49,11 @@ class OneBatch:
 
 
 def random_cache(folder: Path, num_samples: int, num_classes: int, topk: int) -> TeacherCache:
-    """A one-view cache of random teacher log-probabilities, on disk like a real one."""
-    header = manifest_header(dataset_fingerprint="bench", num_samples=num_samples, seed=0,
-                             plan={}, repeats=1, num_classes=num_classes, teacher="random",
-                             teacher_checkpoint_sha256="", num_views=1, topk=topk, epochs=1,
-                             views_backend="torch", shard_size=num_samples,
+    """A one-epoch batches cache of random teacher log-probabilities, on disk like a real
+    one."""
+    identity = {"cache_mode": "batches", "dataset_fingerprint": "bench", "topk": topk,
+                "num_classes": num_classes, "teacher": "random", "epochs": 1, "repeats": 1}
+    header = manifest_header(identity, groups=1, rows=num_samples, shard_rows=num_samples,
                              forwards=num_samples)
     writer = ShardWriter(folder, header)
     rng = np.random.default_rng(0)
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                                ("hard, online teacher", "hard", "online")):
         student = create_model(args.student, img_size=size, num_classes=args.classes).to(device)
         targets = None if kind == "none" else TeacherTargets(
-            kind, 1.0, args.classes, teacher if source == "online" else None)
+            kind, 1.0, args.classes, teacher if source == "online" else None,
+            cache_mode="batches" if source == "cache" else None)
         trainer = Trainer(cfg, student, OneBatch(), None, DistillationLoss(kind), mixup, device,
                           Path(folder.name) / name.replace(" ", "_").replace(",", ""),
                           teacher_targets=targets)

@@ -57,7 +57,7 @@ from deit_fast.config import load_config  # noqa: E402
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402
-from deit_fast.run import build_mixup  # noqa: E402
+from deit_fast.recipe import build_mixup  # noqa: E402
 from deit_fast.teacher import TeacherTargets  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
 

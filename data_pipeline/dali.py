@@ -277,9 +277,8 @@ class DaliTrainLoader(TrainLoader):
                 restart = True  # the same batches again, the bad files now replaced
                 continue
             if self.teacher_cache is not None:  # host tensors from the source: no device sync
-                self.teacher_cache.check_shown(
-                    out["views"].view(-1), out["requested"].view(-1), out["teacher_indices"]
-                )
+                where = f"epoch {epoch}, step {item // self.sampler.items_per_step}"
+                self.teacher_cache.check_shown(out["teacher_indices"], where)
             item += self.sampler.items_per_step
             yield self.batch(out["images"].to(self.device, non_blocking=True), out)
         self._next_epoch = epoch + 1

@@ -95,7 +95,7 @@ class TrainSource:
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
         if info.iteration >= self.keys.steps(info.epoch_idx):
             raise StopIteration
-        views, requested, repeats = self.keys.at(info.epoch_idx, info.iteration)
+        views, requested, repeats, groups, rows = self.keys.at(info.epoch_idx, info.iteration)
         data, heights, widths, samples, replaced = zip(
             *(self._read(v, s) for v, s in zip(views.tolist(), requested.tolist()))
         )
@@ -127,9 +127,9 @@ class TrainSource:
             "requested": scalar(requested, np.int64),
             "replaced": scalar(replaced, np.int32),
         }
-        if self.teacher_cache is not None:  # keyed by the requested sample, as cached;
-            # DALI prefetches past the run's last epoch: the loader checks what it yields
-            values, indices = self.teacher_cache.topk(views, requested, strict=False)
+        if self.teacher_cache is not None:  # by the key's cache address; DALI prefetches
+            # past the run's last epoch: the loader checks what it yields
+            values, indices = self.teacher_cache.topk(groups, rows, strict=False)
             fields["teacher_values"] = list(values.numpy())
             fields["teacher_indices"] = list(indices.numpy())
         return tuple(fields[name] for name in self.outputs)

@@ -8,8 +8,8 @@ both are on. Lambda and box come from the key ((epoch, step, rank): each rank dr
 own, as timm's per-process Mixup does), never from a global RNG; they are drawn on the
 host, so no device sync. tests/test_timm_parity.py checks images and targets against
 timm's Mixup on the same draw. Labels become label-smoothed one-hot targets mixed with
-the same lambda and pairing, and so does `extra` (teacher targets: teacher(mix(a, b)) is
-approximated by mix(teacher(a), teacher(b))).
+the same lambda and pairing (`mix_targets`, which also mixes a views cache's teacher
+outputs: deit_fast.teacher).
 
 On the device every batch runs the same ops on the same shapes, whatever was drawn: the
 draw becomes two small tensors (`params`), and `apply` blends each pixel with its partner
@@ -38,8 +38,8 @@ def cutmix_box(lam: float, centre: tuple[int, int], height: int, width: int
 
 
 class Mixup:
-    """`mixup(images, labels, key, extra)` -> (images, targets, extra), all on the device.
-    The recipe's values are the config's (deit_fast.run.build_mixup)."""
+    """`mixup(images, labels, key)` -> (images, targets), on the device. The recipe's values
+    are the config's (deit_fast.recipe.build_mixup)."""
 
     def __init__(
         self,
@@ -95,39 +95,41 @@ class Mixup:
         targets = torch.full((len(labels), self.num_classes), off, device=labels.device)
         return targets.scatter_(1, labels.view(-1, 1), 1 - self.label_smoothing + off)
 
-    def apply(self, images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor,
-              weights: torch.Tensor, extra: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Mix with `params` already on the device: fixed shapes, no host read."""
-        if extra is not None and not extra.is_floating_point():
-            raise TypeError(
-                f"extra must be a floating tensor (one-hot or probabilities), got {extra.dtype}"
-            )
-        targets = self.smooth_one_hot(labels)
+    def device_params(self, key: tuple[int, int, int], images: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`params` of the batch `images`, copied to its device without a wait."""
+        perm, weights = self.params(key, images.shape[-2], images.shape[-1], len(images))
+        if images.is_cuda:  # pinned (from torch's caching host allocator): a truly async copy
+            perm, weights = perm.pin_memory(), weights.pin_memory()
+        return (perm.to(images.device, non_blocking=True),
+                weights.to(images.device, non_blocking=True))
+
+    def mix_images(self, images: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor
+                   ) -> torch.Tensor:
+        """The images mixed by `params` already on the device: fixed shapes, no host read."""
         if not self.enabled:
-            return images, targets, extra
+            return images
         height, width = images.shape[-2:]
-        top, bottom, left, right, inside, outside, lam = weights.unbind()
+        top, bottom, left, right, inside, outside, _ = weights.unbind()
         rows = torch.arange(height, device=images.device, dtype=weights.dtype)
         cols = torch.arange(width, device=images.device, dtype=weights.dtype)
         in_box = ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))
         pixel = torch.where(in_box, inside, outside).to(images.dtype)
-        images = torch.lerp(images[perm], images, pixel)
-        targets = torch.lerp(targets[perm], targets, lam)
-        if extra is not None:
-            extra = torch.lerp(extra[perm], extra, lam.to(extra.dtype))
-        return images, targets, extra
+        return torch.lerp(images[perm], images, pixel)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        key: tuple[int, ...],
-        extra: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        perm, weights = self.params(key, images.shape[-2], images.shape[-1], len(images))
-        if images.is_cuda:  # pinned (from torch's caching host allocator): a truly async copy
-            perm, weights = perm.pin_memory(), weights.pin_memory()
-        perm = perm.to(images.device, non_blocking=True)
-        weights = weights.to(images.device, non_blocking=True)
-        return self.apply(images, labels, perm, weights, extra)
+    def apply(self, images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor,
+              weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mixed images, mixed label-smoothed targets) by `params` already on the device."""
+        return (self.mix_images(images, perm, weights),
+                mix_targets(self.smooth_one_hot(labels), perm, weights))
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, key: tuple[int, int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(images, labels, *self.device_params(key, images))
+
+
+def mix_targets(targets: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+    """Per-sample distributions (labels, a views cache's teacher outputs) mixed with the
+    draw's label lambda and pairing."""
+    return torch.lerp(targets[perm], targets, weights[6].to(targets.dtype))

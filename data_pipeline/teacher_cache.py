@@ -1,12 +1,20 @@
-"""The teacher-logit cache: top-k teacher log-probabilities per (view, sample), on disk.
+"""The teacher-logit cache: the teacher's top-k log-probabilities, on disk, in one of two modes.
 
-Layout. View v of the dataset is cut into chunks of `shard_size` samples; shard
-(v, c) holds samples [c * S, (c + 1) * S) of view v as one plain binary file: the values
-(float16 [n, k], the teacher's top-k log-softmax, i.e. its logits shifted by their
-logsumexp, so the mass outside the top-k is known), then the class indices (int16 [n, k],
-int32 above 32767 classes). A (view, sample) the planned run never shows is not computed:
-its row holds class index -1. `manifest.json` says what the cache was built from and holds
-a sha256 per shard. No pickle anywhere.
+Modes (`CACHE_MODES`, distill.cache_mode). "batches": the teacher's output on each mixed
+image a run trains on, addressed by (epoch, row), row = the item's place in the epoch's
+global order of batches (`batch_rows`: step-major, then rank, then position); the pass
+replays the run's batches and their Mixup/CutMix, so it gives the loss what the online
+teacher gives it, and fixes the batch layout (per-rank batch, world size, mixing recipe).
+"views": the teacher's output on each unmixed view, addressed by (view, sample), mixed
+after the lookup as mix(teacher(a), teacher(b)), an approximation of teacher(mix(a, b));
+such a cache serves any batch layout and may hold fewer views than the run shows.
+
+Layout. Each group (an epoch, or a view) is cut into shards of `shard_rows` rows; a shard
+is one plain binary file: the values (float16 [n, k], the teacher's top-k log-softmax,
+i.e. its logits shifted by their logsumexp, so the mass outside the top-k is known), then
+the class indices (int16 [n, k], int32 above 32767 classes). A row the planned run never
+reads is not computed: its class index is -1. `manifest.json` says what the cache was
+built from and holds a sha256 per shard. No pickle anywhere.
 
 Writing. The pass starts by writing an incomplete manifest (`complete: false`); a shard
 is written to a temporary name, fsynced and renamed, then its checksum goes to
@@ -18,7 +26,7 @@ manifest, so ranks need no barrier.
 
 Reading. `TeacherCache` checks every shard's size and checksum once, in the process that
 opens it; the loader's workers receive it (pickled without its memory maps), map the
-shards on first use and look up (view, sample) by arithmetic on the two numbers.
+shards on first use and look up (group, row) by arithmetic on the two numbers.
 """
 
 from __future__ import annotations
@@ -35,14 +43,23 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 3  # 3: keyed random domains, timm's RandAugment defaults
+FORMAT_VERSION = 4  # 4: the batches mode; 3: keyed random domains, timm's RandAugment
+CACHE_MODES = ("batches", "views")  # distill.cache_mode
+# what a group of rows is, and a row in it, in each mode
+ADDRESS = {"batches": ("epoch", "row"), "views": ("view", "sample")}
 MANIFEST = "manifest.json"
 NOT_SHOWN = -1  # the class index of a row the planned run never reads
-# Fields a run must agree on with the cache; anything else in the manifest is bookkeeping.
-IDENTITY_FIELDS = ("dataset_fingerprint", "num_samples", "seed", "plan", "repeats",
-                   "num_classes", "teacher", "teacher_checkpoint_sha256", "num_views", "topk",
-                   "epochs", "views_backend")
+# Fields a run must agree on with the cache (those of its mode); the rest is bookkeeping.
+IDENTITY_FIELDS = ("cache_mode", "dataset_fingerprint", "num_samples", "seed", "plan",
+                   "repeats", "num_classes", "teacher", "teacher_checkpoint_sha256", "topk",
+                   "epochs", "views_backend", "num_views", "batch_size", "world_size", "mixup")
 PRODUCE_HINT = "produce it with `deit-fast cache-teacher --config FILE` (same config as the run)"
+
+
+def batch_rows(first_item: int, rank: int, batch_size: int) -> np.ndarray:
+    """The rows, in a batches-mode cache, of rank `rank`'s batch of the global step that
+    starts at item `first_item` of its epoch: the steps' items in rank-major order."""
+    return first_item + rank * batch_size + np.arange(batch_size, dtype=np.int64)
 
 
 class TeacherCacheError(ValueError):
@@ -89,47 +106,45 @@ def _write_atomic(path: Path, data: bytes) -> None:
 @dataclass(frozen=True)
 class ShardSpec:
     name: str
-    view: int
-    first_sample: int
+    group: int
+    first_row: int
     count: int
 
 
 class CacheLayout:
-    """Which shard holds (view, sample), and where in it."""
+    """Which shard holds (group, row), and where in it."""
 
-    def __init__(self, num_samples: int, num_views: int, shard_size: int) -> None:
-        self.num_samples, self.num_views, self.shard_size = num_samples, num_views, shard_size
-        self.chunks_per_view = -(-num_samples // shard_size)
+    def __init__(self, mode: str, groups: int, rows: int, shard_rows: int) -> None:
+        self.label, self.groups, self.rows, self.shard_rows = ADDRESS[mode][0], groups, rows, \
+            shard_rows
+        self.chunks_per_group = -(-rows // shard_rows)
 
     def shards(self) -> list[ShardSpec]:
         out = []
-        for view in range(self.num_views):
-            for chunk in range(self.chunks_per_view):
-                first = chunk * self.shard_size
-                count = min(self.shard_size, self.num_samples - first)
-                out.append(ShardSpec(f"view{view:05d}_chunk{chunk:05d}.bin", view, first, count))
+        for group in range(self.groups):
+            for chunk in range(self.chunks_per_group):
+                first = chunk * self.shard_rows
+                count = min(self.shard_rows, self.rows - first)
+                out.append(ShardSpec(f"{self.label}{group:05d}_chunk{chunk:05d}.bin", group,
+                                     first, count))
         return out
 
 
-def cache_bytes(num_samples: int, num_views: int, topk: int, num_classes: int) -> int:
-    """Size of the shards on disk: float16 values and the class indices, per row."""
-    return num_samples * num_views * topk * (2 + index_dtype(num_classes).itemsize)
+def row_bytes(topk: int, num_classes: int) -> int:
+    """Bytes of one row on disk: k float16 values and k class indices."""
+    return topk * (2 + index_dtype(num_classes).itemsize)
 
 
-def manifest_header(*, dataset_fingerprint: str, num_samples: int, seed: int,
-                    plan: dict[str, Any], repeats: int, num_classes: int, teacher: str,
-                    teacher_checkpoint_sha256: str, num_views: int, topk: int, epochs: int,
-                    views_backend: str, shard_size: int, forwards: int) -> dict[str, Any]:
-    """The manifest without its shard list: what the cache is, in JSON-plain values.
-    epochs, repeats and the seed fix which (view, sample) pairs are shown; `forwards` counts
-    them (the teacher forwards of the pass); views_backend is the decoder of the views."""
+def manifest_header(identity: dict[str, Any], *, groups: int, rows: int, shard_rows: int,
+                    forwards: int) -> dict[str, Any]:
+    """The manifest without its shard list, in JSON-plain values: `identity` (the fields of
+    IDENTITY_FIELDS the cache's mode uses, with cache_mode, topk and num_classes), its
+    geometry (groups of rows, rows per shard) and `forwards`, the teacher forwards of the
+    pass (the rows the run reads)."""
+    num_classes = identity["num_classes"]
     return json.loads(json.dumps({
-        "format_version": FORMAT_VERSION,
-        "dataset_fingerprint": dataset_fingerprint, "num_samples": num_samples, "seed": seed,
-        "plan": plan, "repeats": repeats, "num_classes": num_classes, "teacher": teacher,
-        "teacher_checkpoint_sha256": teacher_checkpoint_sha256, "num_views": num_views,
-        "topk": topk, "epochs": epochs, "views_backend": views_backend,
-        "shard_size": shard_size, "forwards": forwards,
+        "format_version": FORMAT_VERSION, **identity,
+        "groups": groups, "rows": rows, "shard_rows": shard_rows, "forwards": forwards,
         "values": "float16 top-k log_softmax", "index_dtype": index_dtype(num_classes).name,
         "complete": False, "shards": [],
     }))
@@ -169,8 +184,7 @@ class ShardWriter:
 
     def __init__(self, cache_dir: str | Path, header: dict[str, Any]) -> None:
         self.dir, self.header = Path(cache_dir), header
-        self.layout = CacheLayout(header["num_samples"], header["num_views"],
-                                  header["shard_size"])
+        self.layout = layout_of(header)
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / MANIFEST
         if path.is_file():
@@ -184,7 +198,7 @@ class ShardWriter:
             warnings.warn(f"teacher cache {self.dir}: replacing an incomplete pass whose field "
                           f"{differs!r} was {found.get(differs)!r} (now {header[differs]!r})",
                           stacklevel=2)
-            for stale in [*self.dir.glob("view*_chunk*.bin"), *self.dir.glob("*.sha256")]:
+            for stale in [*self.dir.glob("*_chunk*.bin"), *self.dir.glob("*.sha256")]:
                 stale.unlink()
         _write_atomic(path, json.dumps(header, indent=1).encode())
 
@@ -211,10 +225,15 @@ class ShardWriter:
         if not all(c.is_file() for c in checks):
             return False
         manifest = dict(self.header, complete=True, shards=[
-            {"file": s.name, "view": s.view, "first_sample": s.first_sample, "count": s.count,
+            {"file": s.name, "group": s.group, "first_row": s.first_row, "count": s.count,
              "sha256": c.read_text().strip()} for s, c in zip(shards, checks)])
         _write_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=1).encode())
         return True
+
+
+def layout_of(manifest: dict[str, Any]) -> CacheLayout:
+    return CacheLayout(manifest["cache_mode"], manifest["groups"], manifest["rows"],
+                       manifest["shard_rows"])
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
@@ -226,8 +245,9 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 
 
 class TeacherCache:
-    """Top-k teacher log-probabilities by (view, sample). Checked on open; picklable
-    (a loader worker maps the shards itself on its first lookup)."""
+    """Top-k teacher log-probabilities by (group, row): (epoch, row) in a batches cache,
+    (view, sample) in a views cache. Checked on open; picklable (a loader worker maps the
+    shards itself on its first lookup)."""
 
     def __init__(self, cache_dir: str | Path, verify: bool = True) -> None:
         self.dir = Path(cache_dir)
@@ -237,13 +257,12 @@ class TeacherCache:
             raise TeacherCacheError(f"teacher cache {cache_dir} is incomplete (an interrupted "
                                     f"pass?); run the same command again to finish it: "
                                     f"{PRODUCE_HINT}")
-        self.num_views, self.num_samples = m["num_views"], m["num_samples"]
-        self.num_classes, self.k = m["num_classes"], m["topk"]
-        self.layout = CacheLayout(self.num_samples, self.num_views, m["shard_size"])
+        self.mode, self.num_classes, self.k = m["cache_mode"], m["num_classes"], m["topk"]
+        self.layout = layout_of(m)
         self._dtype = np.dtype(m["index_dtype"])
         for entry in m["shards"]:
             path = self.dir / entry["file"]
-            size = entry["count"] * self.k * (2 + self._dtype.itemsize)
+            size = entry["count"] * row_bytes(self.k, self.num_classes)
             if not path.is_file():
                 raise TeacherCacheError(f"teacher cache shard {path} is missing; {PRODUCE_HINT}")
             if path.stat().st_size != size:
@@ -266,48 +285,50 @@ class TeacherCache:
                                    np.memmap(path, self._dtype, "r", n * k * 2, (n, k))))
         return self._maps
 
-    def topk(self, views: np.ndarray, samples: np.ndarray, strict: bool = True
+    def topk(self, groups: np.ndarray, rows: np.ndarray, strict: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities float32 [B, k], class indices int64 [B, k]), CPU tensors.
-        strict=False lets rows the planned run never shows through (NOT_SHOWN indices), for
-        a reader that prefetches past the run's end and checks what it hands on."""
-        views, samples = np.asarray(views, np.int64), np.asarray(samples, np.int64)
-        if views.size and (views.min() < 0 or views.max() >= self.num_views):
-            raise TeacherCacheError(f"view {int(views.max())} is not in the teacher cache at "
-                                    f"{self.dir}, which holds views 0..{self.num_views - 1}; "
-                                    f"set distill.num_views or {PRODUCE_HINT}")
-        if samples.size and (samples.min() < 0 or samples.max() >= self.num_samples):
-            raise TeacherCacheError(f"sample {int(samples.max())} is not in the teacher cache "
-                                    f"at {self.dir} ({self.num_samples} samples)")
-        chunk, row = np.divmod(samples, self.layout.shard_size)
-        shard = views * self.layout.chunks_per_view + chunk
-        values = np.empty((len(views), self.k), np.float32)
-        indices = np.empty((len(views), self.k), np.int64)
+        strict=False lets rows the planned run never reads through as NOT_SHOWN (groups past
+        the cache's too), for a reader that prefetches past the run's end and checks what
+        it hands on (`check_shown`)."""
+        groups, rows = np.asarray(groups, np.int64), np.asarray(rows, np.int64)
+        label, row_label = ADDRESS[self.mode]
+        held = (groups >= 0) & (groups < self.layout.groups)
+        if strict and not held.all():
+            hint = "set distill.num_views or " if self.mode == "views" else ""
+            raise TeacherCacheError(
+                f"{label} {int(groups[~held][0])} is not in the teacher cache at {self.dir}, "
+                f"which holds {label}s 0..{self.layout.groups - 1}; {hint}{PRODUCE_HINT}")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.layout.rows):
+            raise TeacherCacheError(f"{row_label} {int(rows.max())} is not in the teacher cache "
+                                    f"at {self.dir} ({self.layout.rows} {row_label}s a {label})")
+        chunk, offset = np.divmod(rows, self.layout.shard_rows)
+        shard = groups * self.layout.chunks_per_group + chunk
+        values = np.zeros((len(groups), self.k), np.float32)
+        indices = np.full((len(groups), self.k), NOT_SHOWN, np.int64)
         maps = self._shards()
-        for s in np.unique(shard):  # one fancy-index per touched shard
-            mine = shard == s
-            values[mine] = maps[s][0][row[mine]]
-            indices[mine] = maps[s][1][row[mine]]
+        for s in np.unique(shard[held]):  # one fancy-index per touched shard
+            mine = held & (shard == s)
+            values[mine] = maps[s][0][offset[mine]]
+            indices[mine] = maps[s][1][offset[mine]]
         if strict:
-            self.check_shown(views, samples, indices)
+            self.check_shown(indices, f"{label}s {np.unique(groups).tolist()}")
         return torch.from_numpy(values), torch.from_numpy(indices)
 
-    def check_shown(self, views: np.ndarray, samples: np.ndarray, indices: np.ndarray) -> None:
-        """Refuse rows looked up for a (view, sample) the cache did not compute."""
-        missing = np.flatnonzero(np.asarray(indices)[:, 0] == NOT_SHOWN)
-        if missing.size:
-            i = missing[0]
+    def check_shown(self, indices: np.ndarray | torch.Tensor, where: str) -> None:
+        """Refuse a batch with a row the cache did not compute; `where` names the batch."""
+        if (np.asarray(indices)[:, 0] == NOT_SHOWN).any():
             raise TeacherCacheError(
-                f"teacher cache {self.dir} has no entry for view {int(views[i])} of sample "
-                f"{int(samples[i])}: it holds what {self.manifest['epochs']} epochs with "
-                f"data.repeats={self.manifest['repeats']} show; {PRODUCE_HINT}")
+                f"teacher cache {self.dir} has no entry for a sample of the batch of {where}: "
+                f"it holds what {self.manifest['epochs']} epochs with data.repeats="
+                f"{self.manifest['repeats']} show; {PRODUCE_HINT}")
 
 
 def rebuild_distribution(log_probs: torch.Tensor, indices: torch.Tensor, num_classes: int,
                          tau: float = 1.0) -> torch.Tensor:
     """softmax(teacher logits / tau) from the top-k log-probabilities: the mass outside the
     top-k is spread evenly over the other classes (as if their logits were all equal)."""
-    k = log_probs.shape[1]
+    log_probs, k = log_probs.float(), log_probs.shape[1]
     rest = (1 - log_probs.exp().sum(dim=1, keepdim=True)).clamp_(min=0)
     rest_log = torch.log(rest / (num_classes - k)) if num_classes > k else \
         torch.full_like(rest, float("-inf"))

@@ -99,13 +99,13 @@ class TrainViews(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict:
-        views = np.array([k[0] for k in keys], np.int64)
-        requested = np.array([k[1] for k in keys], np.int64)
+    def __getitems__(self, keys: list[tuple[int, int, int, int, int]]) -> dict:
+        views, requested, repeats, groups, rows = np.array(keys, np.int64).T
         seed, on_bad = self.plan.seed, self.on_bad_image
         try:
             images, samples, replaced = zip(
-                *(read_or_replace(read_rgb, self.paths, seed, v, s, on_bad) for v, s, _ in keys)
+                *(read_or_replace(read_rgb, self.paths, seed, v, s, on_bad)
+                  for v, s in zip(views.tolist(), requested.tolist()))
             )
         except BadImageError as e:
             return {"error": str(e)}
@@ -129,14 +129,14 @@ class TrainViews(Dataset):
             "erase_noise": torch.cat(noise) if noise else torch.empty(0),
             "labels": torch.from_numpy(self.labels[samples]),
             "samples": torch.from_numpy(samples),
-            "repeats": torch.tensor([k[2] for k in keys], dtype=torch.int64),
+            "repeats": torch.from_numpy(repeats),
             "views": torch.from_numpy(views),
             "requested": torch.from_numpy(requested),
             "replaced": torch.tensor(replaced, dtype=torch.int64),
         }
-        if self.teacher_cache is not None:  # keyed by the requested sample, as cached
+        if self.teacher_cache is not None:  # by the key's cache address
             batch["teacher_values"], batch["teacher_indices"] = self.teacher_cache.topk(
-                views, requested
+                groups, rows
             )
         if self.finish_in_worker:
             batch["images"] = finish(batch, torch.device("cpu"), p.mean, p.std)
@@ -147,12 +147,12 @@ class _EpochKeys:
     """The batch sampler: the keys of the current pass's batches, set before each pass."""
 
     def __init__(self, keys: SamplerKeys | ListedKeys | None = None) -> None:
-        self.batches: list[list[tuple[int, int, int]]] = []
+        self.batches: list[list[tuple[int, ...]]] = []
         if keys is not None:
             self.set(keys)
 
     def set(self, keys: SamplerKeys | ListedKeys) -> None:
-        """The first pass of `keys`, as (view, sample, repeat) rows."""
+        """The first pass of `keys`, as rows of (view, sample, repeat, cache group, row)."""
         self.batches = [
             list(zip(*(a.tolist() for a in keys.at(0, step)))) for step in range(keys.steps(0))
         ]

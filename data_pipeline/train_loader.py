@@ -3,7 +3,8 @@
 Keys. Each step's (views, requested samples, repeats) come from the sampler (`SamplerKeys`,
 views by `RepeatedAugSampler.views`) or, for the teacher-cache pass, from a list
 (`ListedKeys`); both are read by (epoch, step), as the torch batch sampler lists them and
-as DALI's source asks for them.
+as DALI's source asks for them. With a teacher cache, each key also carries its address
+in the cache: (epoch, row) in a batches cache, (view, requested sample) in a views cache.
 
 Unreadable files. A worker reads a key's file or, when it is unreadable and on_bad_image
 is "skip", the first readable file of its replacement chain (`read_or_replace`, with
@@ -24,10 +25,11 @@ from .batch import ID_FIELDS, TEACHER_FIELDS, TrainBatch
 from .dataset import BadImageError, DatasetIndex, warn_skipped
 from .plan import AugmentationPlan, replacement_sample
 from .sampler import RepeatedAugSampler
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, batch_rows
 
 T = TypeVar("T")
-Keys = tuple[np.ndarray, np.ndarray, np.ndarray]  # int64 views, requested samples, repeats
+# int64 [B] each: views, requested samples, repeats, and the teacher cache's (group, row)
+Keys = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 MAX_REPLACEMENTS = 10  # this many unreadable files in a row means a broken dataset
 
@@ -53,14 +55,15 @@ def read_or_replace(
 
 
 class SamplerKeys:
-    """A training run's keys per (epoch from start_epoch, step), resumed at start_item."""
+    """A training run's keys per (epoch from start_epoch, step), resumed at start_item;
+    cache_mode: the teacher cache's, whose addresses the keys carry."""
 
     def __init__(
         self, sampler: RepeatedAugSampler, start_epoch: int, start_item: int,
-        num_views: int | None,
+        num_views: int | None, cache_mode: str | None = None,
     ) -> None:
         self.sampler, self.start_epoch, self.start_item = sampler, start_epoch, start_item
-        self.num_views = num_views
+        self.num_views, self.cache_mode = num_views, cache_mode
 
     def _first(self, epoch_idx: int) -> int:
         return self.start_item if epoch_idx == 0 else 0
@@ -72,7 +75,12 @@ class SamplerKeys:
         epoch = self.start_epoch + epoch_idx
         first = self._first(epoch_idx) + step * self.sampler.items_per_step
         requested, repeats = self.sampler.batch_at(epoch, first)
-        return self.sampler.views(epoch, repeats, self.num_views), requested, repeats
+        views = self.sampler.views(epoch, repeats, self.num_views)
+        if self.cache_mode == "batches":
+            s = self.sampler
+            return (views, requested, repeats, np.full_like(requested, epoch),
+                    batch_rows(first, s.rank, s.batch_size))
+        return views, requested, repeats, views, requested
 
 
 class ListedKeys:
@@ -86,7 +94,7 @@ class ListedKeys:
 
     def at(self, epoch_idx: int, step: int) -> Keys:
         views, samples = np.asarray(self.batches[step], np.int64).T
-        return views, samples, np.zeros_like(samples)
+        return views, samples, np.zeros_like(samples), views, samples
 
 
 class BadFiles:
@@ -154,7 +162,8 @@ class TrainLoader:
 
     def keys(self, epoch: int, first_item: int) -> SamplerKeys:
         """The keys of epoch `epoch` from global item first_item on, then of those after it."""
-        return SamplerKeys(self.sampler, epoch, first_item, self.num_views)
+        mode = self.teacher_cache.mode if self.teacher_cache else None
+        return SamplerKeys(self.sampler, epoch, first_item, self.num_views, mode)
 
     def batch(self, images: torch.Tensor, out: dict) -> TrainBatch:
         """A worker's batch (host tensors by field name) as a TrainBatch on the device, its

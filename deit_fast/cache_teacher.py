@@ -1,18 +1,28 @@
-"""`deit-fast cache-teacher`: run the teacher once on every view the planned run will show.
+"""`deit-fast cache-teacher`: run the teacher once on what the planned run will show it.
 
-The sampler is a pure function, so the pass replays it over train.epochs and computes the
-teacher only on the (view, sample) pairs the run will read (view mod V): one forward per
-showing for a full cache, as an online teacher would pay, and fewer with a smaller V,
-whose views are reused. Each view is rendered by the run's own backend and plan (torch:
-the torch loader's workers; dali: the DALI graph, on the GPU or its CPU graph), with no
-mixup, so the cached top-k is what the teacher says about exactly the image the student
-sees. Ranks (RANK/WORLD_SIZE, as torchrun sets them) take every W-th shard; a rerun skips
-finished shards.
+distill.cache_mode=batches (the default) replays the run's training batches as its
+loaders form them (the sampler's batch of every rank at every step, each image rendered by
+the plan) and mixes each as the training step will (the Mixup/CutMix draw of its (epoch,
+step, rank)); the cache then holds the teacher's top-k on the very images the student
+trains on, which is what the online teacher gives the loss. The batch layout is part of the
+cache: run the pass with the run's world size (torchrun with the same --nproc_per_node, or
+one process for a one-process run). distill.cache_mode=views computes the teacher on the
+unmixed (view, sample) pairs the run reads (view mod V), one forward per showing for a full
+cache; training mixes them afterwards.
+
+Each image is rendered by the run's own backend and plan (torch: the torch loader's workers;
+dali: the DALI graph, on the GPU or its CPU graph) and the teacher runs under the run's
+precision. Ranks (RANK/WORLD_SIZE, as torchrun sets them) take every W-th shard; a rerun
+skips finished shards, and a complete cache is left as it is.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +34,39 @@ from deit_fast.data_pipeline.dataset import DatasetIndex
 from deit_fast.data_pipeline.loader import view_batches
 from deit_fast.data_pipeline.plan import AugmentationPlan
 from deit_fast.data_pipeline.sampler import RepeatedAugSampler
-from deit_fast.data_pipeline.teacher_cache import NOT_SHOWN, ShardWriter, cache_bytes, sha256_file
+from deit_fast.data_pipeline.teacher_cache import (
+    NOT_SHOWN,
+    ShardSpec,
+    ShardWriter,
+    batch_rows,
+    manifest_header,
+    row_bytes,
+    sha256_file,
+)
 from deit_fast.recipe import (
-    cache_header,
+    build_mixup,
+    cache_geometry,
+    cache_identity,
     data_root,
+    image_size,
     num_views,
     plan_params,
     resolve_device,
     views_backend,
 )
 from deit_fast.teacher import load_teacher
+from deit_fast.train import PRECISION
+
+
+@dataclass
+class TeacherBatch:
+    """One teacher forward: the (view, sample) rows to render, the rows of `shard` its
+    outputs fill, and its Mixup key (epoch, step, rank) in a batches cache."""
+
+    shard: ShardSpec
+    keys: np.ndarray  # int64 [n, 2]
+    rows: np.ndarray  # int64 [n], offsets in the shard
+    mix: tuple[int, int, int] | None = None
 
 
 def shown_pairs(cfg: Config, num_samples: int) -> np.ndarray:
@@ -43,6 +76,53 @@ def shown_pairs(cfg: Config, num_samples: int) -> np.ndarray:
     for views, samples in sampler.shown(cfg.train.epochs, num_views(cfg)):
         shown[views, samples] = True
     return shown
+
+
+def view_work(shards: list[ShardSpec], shown: np.ndarray, batch: int) -> list[TeacherBatch]:
+    """A views cache's forwards: the shown rows of each shard, `batch` at a time."""
+    work = []
+    for s in shards:
+        rows = np.flatnonzero(shown[s.group, s.first_row:s.first_row + s.count])
+        for part in np.split(rows, range(batch, len(rows), batch)):
+            if len(part):
+                keys = np.stack([np.full(len(part), s.group), s.first_row + part], axis=1)
+                work.append(TeacherBatch(s, keys, part))
+    return work
+
+
+def batch_work(cfg: Config, shards: list[ShardSpec], num_samples: int,
+               world_size: int) -> list[TeacherBatch]:
+    """A batches cache's forwards: every rank's batch of every global step of each shard,
+    as the run's sampler forms it, with the Mixup key the training step draws it with."""
+    d = cfg.data
+    samplers = [RepeatedAugSampler(num_samples, d.batch_size, d.repeats, cfg.train.seed, r,
+                                   world_size) for r in range(world_size)]
+    step_items = samplers[0].items_per_step
+    work = []
+    for s in shards:
+        for first in range(s.first_row, s.first_row + s.count, step_items):
+            for rank, sampler in enumerate(samplers):
+                samples, repeats = sampler.batch_at(s.group, first)
+                keys = np.stack([sampler.views(s.group, repeats), samples], axis=1)
+                rows = batch_rows(first, rank, d.batch_size) - s.first_row
+                work.append(TeacherBatch(s, keys, rows, (s.group, first // step_items, rank)))
+    return work
+
+
+def _describe(cfg: Config, header: dict, world_size: int, device: torch.device) -> str:
+    """The pass's header line: the forwards, what they are, and the shards' size."""
+    d, n = cfg.data, header["num_samples"]
+    size = header["groups"] * header["rows"] * row_bytes(header["topk"], header["num_classes"])
+    if header["cache_mode"] == "batches":
+        steps = header["rows"] // (d.batch_size * world_size)
+        what = (f"{header['groups']} epochs x {steps} steps x {world_size} rank(s) x "
+                f"{d.batch_size} mixed images, the batches the run trains on")
+    else:
+        what = (f"one per (view, image) pair the run shows: {cfg.train.epochs} epoch(s) with "
+                f"data.repeats={d.repeats}, {header['groups']} views x {n:,} images")
+    return (f"cache-teacher: {header['forwards']:,} teacher forwards ({what}); shards of "
+            f"{size / 2**20:,.1f} MiB ({size:,} bytes) in {cfg.distill.cache_dir}; views by "
+            f"{views_backend(cfg, device)}")
 
 
 def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None = None) -> Path:
@@ -61,49 +141,77 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
     num_classes = len(index.classes)
     if d.topk > num_classes:
         raise ConfigError(f"distill.topk: {d.topk} is more than the {num_classes} classes")
-    teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device)  # before any file
-    shown = shown_pairs(cfg, len(index))
-    header = cache_header(cfg, index, sha256_file(d.teacher_checkpoint), device,
-                          forwards=int(shown.sum()))
-    if rank == 0:
-        size = cache_bytes(len(index), shown.shape[0], d.topk, num_classes)
-        print(f"cache-teacher: {header['forwards']:,} teacher forwards ({shown.shape[0]} views "
-              f"of {len(index):,} images, as {cfg.train.epochs} epochs with data.repeats="
-              f"{cfg.data.repeats} show them), {size / 2**20:,.1f} MiB of shards in "
-              f"{d.cache_dir}, views by {views_backend(cfg, device)}", flush=True)
+    # before any file is written
+    teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device, image_size(cfg))
+    groups, rows, shard_rows = cache_geometry(cfg, len(index), world_size)
+    shown = shown_pairs(cfg, len(index)) if d.cache_mode == "views" else None
+    header = manifest_header(
+        cache_identity(cfg, index, sha256_file(d.teacher_checkpoint), device, world_size),
+        groups=groups, rows=rows, shard_rows=shard_rows,
+        forwards=int(shown.sum()) if shown is not None else groups * rows)
     writer = ShardWriter(d.cache_dir, header)
-    plan = AugmentationPlan(plan_params(cfg), cfg.train.seed)
-    todo = [s for s in writer.layout.shards()[rank::world_size] if not writer.is_complete(s)]
-    rows = {s.name: np.flatnonzero(shown[s.view, s.first_sample:s.first_sample + s.count])
-            for s in todo}  # the shard's rows the run reads
-    step = cfg.data.eval_batch_size
-    batches = []  # (view, sample) rows, a shard at a time
-    for s in todo:
-        r = rows[s.name]
-        batches += [np.stack([np.full(len(part), s.view), s.first_sample + part], axis=1)
-                    for part in np.split(r, range(step, len(r), step)) if len(part)]
-    rendered = iter(())
-    if batches:  # an unreadable file's replacement is cached, as the run trains on it
-        rendered = view_batches(index, plan, batches, cfg.data.backend, cfg.data.num_workers,
-                                device, cfg.data.on_bad_image)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=sum(len(r) for r in rows.values()), unit="view",
-               desc=f"cache-teacher r{rank}", disable=not cfg.train.progress, dynamic_ncols=True)
-    with torch.inference_mode():
-        for shard in todo:
-            values = np.zeros((shard.count, d.topk), np.float32)
-            indices = np.full((shard.count, d.topk), NOT_SHOWN, np.int64)
-            done = 0
-            while done < len(rows[shard.name]):
-                images = next(rendered)
-                with autocast:
-                    logits = teacher(images)
-                top = torch.log_softmax(logits.float(), dim=-1).topk(d.topk, dim=-1)
-                mine = rows[shard.name][done:done + len(images)]
-                values[mine], indices[mine] = top.values.cpu().numpy(), top.indices.cpu().numpy()
-                done += len(images)
-                bar.update(len(images))
-            writer.write(shard, values, indices)
+    shards = writer.layout.shards()
+    todo = [s for s in shards[rank::world_size] if not writer.is_complete(s)]
+    if rank == 0:
+        print(_describe(cfg, header, world_size, device), flush=True)
+        if len(todo) < len(shards[rank::world_size]):
+            print(f"cache-teacher: {len(shards) - len(todo)} of {len(shards)} shards are already "
+                  "written" + ("; nothing left to compute" if not todo else ", resuming"),
+                  flush=True)
+    total = sum(int(shown[s.group, s.first_row:s.first_row + s.count].sum())
+                if shown is not None else s.count for s in todo)
+    bar = tqdm(total=total, unit="image", desc=f"cache-teacher r{rank}",
+               disable=not cfg.train.progress, dynamic_ncols=True)
+    pass_ = CachePass(cfg, teacher, index, writer, device)
+    for _, group in itertools.groupby(todo, key=lambda s: s.group):  # a group's keys at a time
+        shards = list(group)
+        pass_.run(view_work(shards, shown, cfg.data.eval_batch_size) if shown is not None
+                  else batch_work(cfg, shards, len(index), world_size), shards, bar)
     bar.close()
     writer.finalize()
     return Path(d.cache_dir)
+
+
+class CachePass:
+    """Renders, mixes, runs the teacher on and stores batches of work, shard by shard."""
+
+    def __init__(self, cfg: Config, teacher: torch.nn.Module, index: DatasetIndex,
+                 writer: ShardWriter, device: torch.device) -> None:
+        self.cfg, self.teacher, self.index, self.writer = cfg, teacher, index, writer
+        self.device, self.k = device, cfg.distill.topk
+        self.plan = AugmentationPlan(plan_params(cfg), cfg.train.seed)
+        self.mixup = build_mixup(cfg.data, len(index.classes), cfg.train.seed)
+        dtype = PRECISION[cfg.train.precision]
+        self.autocast = (lambda: contextlib.nullcontext()) if dtype == torch.float32 else \
+            (lambda: torch.autocast(device.type, dtype=dtype))
+
+    def run(self, work: list[TeacherBatch], shards: list[ShardSpec], bar: tqdm) -> None:
+        d = self.cfg.data
+        pending = collections.Counter(b.shard.name for b in work)
+        for s in shards:  # nothing to compute (rows of a views cache the run never reads)
+            if not pending[s.name]:
+                self.writer.write(s, *self._empty(s))
+        rendered = iter(())
+        if work:  # an unreadable file's replacement is rendered, as the run trains on it
+            rendered = view_batches(self.index, self.plan, [b.keys for b in work], d.backend,
+                                    d.num_workers, self.device, d.on_bad_image)
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        with torch.inference_mode():
+            for b, images in zip(work, rendered):
+                if b.mix is not None:
+                    params = self.mixup.device_params(b.mix, images)
+                    images = self.mixup.mix_images(images, *params)
+                with self.autocast():
+                    logits = self.teacher(images)
+                top = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1)
+                values, indices = out.setdefault(b.shard.name, self._empty(b.shard))
+                values[b.rows] = top.values.cpu().numpy()
+                indices[b.rows] = top.indices.cpu().numpy()
+                bar.update(len(b.rows))
+                pending[b.shard.name] -= 1
+                if not pending[b.shard.name]:
+                    self.writer.write(b.shard, *out.pop(b.shard.name))
+
+    def _empty(self, shard: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
+        return (np.zeros((shard.count, self.k), np.float32),
+                np.full((shard.count, self.k), NOT_SHOWN, np.int64))

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from deit_fast.data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
+from deit_fast.data_pipeline.teacher_cache import CACHE_MODES
 from deit_fast.losses import DISTILL_TYPES
 from deit_fast.ops import ATTENTION, GELU, LAYERNORM
 
@@ -88,7 +89,10 @@ class DistillConfig:
     teacher: str | None = None  # timm model name, or a deit-fast model name
     teacher_checkpoint: str | None = None
     cache_dir: str | None = None  # teacher-logit cache (deit-fast cache-teacher writes it)
-    num_views: int | None = None  # views in the cache; None: one per showing (sampler.full_views)
+    # batches: the teacher on each mixed batch the run trains on (exact, fixes the batch
+    # layout); views: on each unmixed view, mixed afterwards (an approximation, any layout)
+    cache_mode: str = "batches"
+    num_views: int | None = None  # views cache: views held; None: one per showing
     topk: int = 5  # teacher log-probabilities kept per view (1 is enough for hard)
     shard_size: int = 10000  # samples per cache shard
     allow_backend_mismatch: bool = False  # train on a cache of another decoder, with a warning
@@ -140,6 +144,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": BAD_IMAGE_POLICIES,
     "distill.type": DISTILL_TYPES,
     "distill.source": ("online", "cache"),
+    "distill.cache_mode": CACHE_MODES,
     "train.precision": ("bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.compile": ("none", "default", "max-autotune"),
@@ -233,7 +238,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError for a value no run could use."""
-    from deit_fast.models import MODEL_SPECS
+    from deit_fast.models import MODEL_SPECS, is_known_model
 
     flat = to_dict(cfg)
 
@@ -241,10 +246,10 @@ def validate(cfg: Config) -> Config:
         section, name = key.split(".")
         return flat[section][name]
 
-    if cfg.model.name not in MODEL_SPECS:
+    if not is_known_model(cfg.model.name):
         raise ConfigError(
-            f"model.name: unknown model {cfg.model.name!r}; accepted: {', '.join(MODEL_SPECS)}"
-        )
+            f"model.name: unknown model {cfg.model.name!r}; accepted: {', '.join(MODEL_SPECS)}, "
+            "or any timm model name (timm.list_models())")
     for key, accepted in CHOICES.items():
         if get(key) not in accepted:
             raise ConfigError(f"{key}: {get(key)!r} is not one of {', '.join(accepted)}")
@@ -268,6 +273,9 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.type != "none" and cfg.distill.source == "cache" and not cfg.distill.cache_dir:
         raise ConfigError("distill.cache_dir: a teacher cache folder is needed when "
                           "distill.source is 'cache' (deit-fast cache-teacher writes it)")
+    if cfg.distill.num_views is not None and cfg.distill.cache_mode != "views":
+        raise ConfigError("distill.num_views: a batches cache holds every mixed batch of the "
+                          "run; a cache of fewer views needs distill.cache_mode=views")
     if cfg.distill.type != "none" and cfg.distill.source == "online" and not cfg.distill.teacher:
         raise ConfigError("distill.teacher: a teacher model name is needed when distill.type is "
                           f"{cfg.distill.type!r}")

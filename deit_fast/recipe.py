@@ -1,20 +1,22 @@
 """What a config means for the data and the teacher cache, shared by `run` and
 `cache_teacher` (which both import it, and not each other): the device, the dataset root,
-the augmentation plan, the views' decoder, V and the cache identity."""
+the augmentation plan, Mixup, the views' decoder, V, and the cache's identity and
+geometry."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from deit_fast.config import Config
-from deit_fast.models import MODEL_SPECS
+from deit_fast.config import Config, DataConfig
+from deit_fast.models import model_image_size
 
 if TYPE_CHECKING:
-    from deit_fast.data_pipeline import DatasetIndex, PlanParams
+    from deit_fast.data_pipeline import DatasetIndex, Mixup, PlanParams
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,7 +38,7 @@ def data_root(cfg: Config) -> Path:
 
 
 def image_size(cfg: Config) -> int:
-    return cfg.model.img_size or MODEL_SPECS[cfg.model.name].get("img_size", 224)
+    return cfg.model.img_size or model_image_size(cfg.model.name)
 
 
 def plan_params(cfg: Config) -> PlanParams:
@@ -46,6 +48,16 @@ def plan_params(cfg: Config) -> PlanParams:
     d = cfg.data
     return PlanParams(image_size=image_size(cfg), scale=d.scale, ratio=d.ratio, hflip=d.hflip,
                       rand_augment=d.rand_augment or None, reprob=d.reprob)
+
+
+def build_mixup(d: DataConfig, num_classes: int, seed: int = 0) -> Mixup:
+    """Mixup/CutMix and label smoothing as the data config says: training's and the teacher
+    cache pass's."""
+    from deit_fast.data_pipeline import Mixup
+
+    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
+                 switch_prob=d.mixup_switch_prob, label_smoothing=d.label_smoothing,
+                 num_classes=num_classes, seed=seed)
 
 
 def views_backend(cfg: Config, device: torch.device) -> str:
@@ -63,16 +75,37 @@ def num_views(cfg: Config) -> int:
     return cfg.distill.num_views or full_views(cfg.train.epochs, cfg.data.repeats)
 
 
-def cache_header(cfg: Config, index: DatasetIndex, teacher_sha256: str, device: torch.device,
-                 forwards: int = 0) -> dict[str, Any]:
-    """The manifest identity of the cache this config asks for."""
-    from deit_fast.data_pipeline.teacher_cache import manifest_header
+def cache_identity(cfg: Config, index: DatasetIndex, teacher_sha256: str,
+                   device: torch.device, world_size: int) -> dict[str, Any]:
+    """What a run and its teacher cache must agree on (teacher_cache.IDENTITY_FIELDS): the
+    data, the views, the teacher and, by mode, the views held (views) or what fixes the
+    mixed batches: the per-rank batch, the ranks and the mixing recipe (batches)."""
+    d = cfg.distill
+    identity = dict(
+        cache_mode=d.cache_mode, dataset_fingerprint=index.fingerprint, num_samples=len(index),
+        seed=cfg.train.seed, plan=dataclasses.asdict(plan_params(cfg)),
+        repeats=cfg.data.repeats, num_classes=len(index.classes), teacher=d.teacher or "",
+        teacher_checkpoint_sha256=teacher_sha256, topk=d.topk, epochs=cfg.train.epochs,
+        views_backend=views_backend(cfg, device))
+    data = cfg.data
+    if d.cache_mode == "views":
+        identity["num_views"] = num_views(cfg)
+    else:
+        identity.update(batch_size=data.batch_size, world_size=world_size, mixup={
+            "mixup": data.mixup, "cutmix": data.cutmix, "prob": data.mixup_prob,
+            "switch_prob": data.mixup_switch_prob})
+    return json.loads(json.dumps(identity))  # as the manifest holds it: tuples are lists
+
+
+def cache_geometry(cfg: Config, num_samples: int, world_size: int) -> tuple[int, int, int]:
+    """(groups, rows a group, rows a shard) of the cache: views x samples, or epochs x the
+    items of an epoch's global batches, in shards of whole global steps."""
+    from deit_fast.data_pipeline.sampler import RepeatedAugSampler
 
     d = cfg.distill
-    return manifest_header(
-        dataset_fingerprint=index.fingerprint, num_samples=len(index), seed=cfg.train.seed,
-        plan=dataclasses.asdict(plan_params(cfg)), repeats=cfg.data.repeats,
-        num_classes=len(index.classes), teacher=d.teacher or "",
-        teacher_checkpoint_sha256=teacher_sha256, num_views=num_views(cfg), topk=d.topk,
-        epochs=cfg.train.epochs, views_backend=views_backend(cfg, device),
-        shard_size=d.shard_size, forwards=forwards)
+    if d.cache_mode == "views":
+        return num_views(cfg), num_samples, d.shard_size
+    step = cfg.data.batch_size * world_size
+    steps = RepeatedAugSampler(num_samples, cfg.data.batch_size, cfg.data.repeats, 0, 0,
+                               world_size).steps_per_epoch
+    return cfg.train.epochs, steps * step, max(1, d.shard_size // step) * step

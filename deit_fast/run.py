@@ -10,14 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+from torch import nn
 
 from deit_fast import checkpoint, distributed
-from deit_fast.config import Config, ConfigError, DataConfig, load_config, save_config, to_dict
+from deit_fast.config import Config, ConfigError, load_config, save_config, to_dict
 from deit_fast.losses import DistillationLoss
-from deit_fast.models import DeiT, create_model, load_checkpoint
+from deit_fast.models import create_model, load_checkpoint
 from deit_fast.ops import resolve_kernels
 from deit_fast.recipe import (
-    cache_header,
+    build_mixup,
+    cache_identity,
     data_root,
     image_size,
     num_views,
@@ -28,15 +30,21 @@ from deit_fast.teacher import TeacherTargets, load_teacher
 from deit_fast.train import PRECISION, Trainer
 
 if TYPE_CHECKING:
-    from deit_fast.data_pipeline import DatasetIndex, Mixup
+    from deit_fast.data_pipeline import DatasetIndex
     from deit_fast.data_pipeline.teacher_cache import TeacherCache
 
 
-def build_model(cfg: Config, num_classes: int, device: torch.device) -> DeiT:
+def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """model.name (a deit-fast DeiT with the configured kernels, or a timm model), from
+    model.init_checkpoint when set."""
     kernels = resolve_kernels(cfg.kernels.attention, cfg.kernels.layernorm, cfg.kernels.gelu,
                               device)
-    model = create_model(cfg.model.name, kernels=kernels, img_size=cfg.model.img_size,
-                         num_classes=num_classes, drop_path_rate=cfg.model.drop_path)
+    try:
+        model = create_model(cfg.model.name, kernels=kernels, img_size=cfg.model.img_size,
+                             num_classes=num_classes, drop_path_rate=cfg.model.drop_path)
+    except TypeError as err:  # a timm model without the argument
+        raise ConfigError(f"model.name {cfg.model.name!r}: timm cannot build it as configured "
+                          f"({err}); model.drop_path=0.0 turns the drop path rate off") from err
     if cfg.model.init_checkpoint:
         load_checkpoint(model, cfg.model.init_checkpoint, new_head=True)
     return model.to(device)
@@ -46,10 +54,11 @@ def uses_cache(cfg: Config) -> bool:
     return cfg.distill.type != "none" and cfg.distill.source == "cache"
 
 
-def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device
-                       ) -> TeacherCache | None:
-    """With distill.source=cache: the cache, after checking that it was built for this run's
-    dataset, seed, plan, repeats, classes, V, decoder (and teacher) and no fewer epochs."""
+def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device,
+                       world_size: int = 1) -> TeacherCache | None:
+    """With distill.source=cache: the cache, after checking that it was built for this run
+    (cache_identity: dataset, seed, plan, repeats, classes, decoder, teacher, and the views
+    or the batch layout of its mode) and for no fewer epochs."""
     if not uses_cache(cfg):
         return None
     from deit_fast.data_pipeline.teacher_cache import (
@@ -63,7 +72,7 @@ def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device
     d = cfg.distill
     cache = TeacherCache(d.cache_dir)
     teacher_sha = sha256_file(d.teacher_checkpoint) if d.teacher_checkpoint else ""
-    expected = cache_header(cfg, index, teacher_sha, device)
+    expected = cache_identity(cfg, index, teacher_sha, device, world_size)
     unset = {"topk": True, "epochs": True, "teacher": not d.teacher,  # the cache's own are used
              "teacher_checkpoint_sha256": not d.teacher_checkpoint}
     warn = ("views_backend",) if d.allow_backend_mismatch else ()
@@ -74,12 +83,13 @@ def open_teacher_cache(cfg: Config, index: DatasetIndex, device: torch.device
             f"teacher cache {d.cache_dir} does not match this run: field 'epochs' is "
             f"{cache.manifest['epochs']} in the cache, {cfg.train.epochs} in the run (it holds "
             f"the views of its epochs only); {PRODUCE_HINT}")
-    warn_view_reuse(cfg)
+    if d.cache_mode == "views":
+        warn_view_reuse(cfg)
     return cache
 
 
 def warn_view_reuse(cfg: Config) -> None:
-    """A cache of fewer views than the run shows makes views repeat: say so, once."""
+    """A views cache of fewer views than the run shows makes views repeat: say so, once."""
     from deit_fast.data_pipeline.sampler import full_views
 
     views, fresh = num_views(cfg), full_views(cfg.train.epochs, cfg.data.repeats)
@@ -105,28 +115,20 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     if val_index.classes != train_index.classes:
         raise ValueError(f"{root}: val/ has classes {val_index.classes[:5]}..., train/ has "
                          f"{train_index.classes[:5]}...; they must match")
-    cache = open_teacher_cache(cfg, train_index, device)
+    cache = open_teacher_cache(cfg, train_index, device, world_size)
     size = image_size(cfg)
     train_loader = build_train_loader(
         train_index, params=plan_params(cfg), batch_size=d.batch_size, seed=cfg.train.seed,
         repeats=d.repeats, rank=rank, world_size=world_size, num_workers=d.num_workers,
         backend=d.backend, device=device, on_bad_image=d.on_bad_image,
-        num_views=num_views(cfg) if cache else None, teacher_cache=cache)
+        num_views=num_views(cfg) if cache and cache.mode == "views" else None,
+        teacher_cache=cache)
     val_loader = build_val_loader(
         val_index, image_size=size, crop_pct=d.crop_pct, batch_size=d.eval_batch_size,
         num_workers=d.num_workers, backend=d.backend, device=device, rank=rank,
         world_size=world_size, on_bad_image=d.on_bad_image)
     mixup = build_mixup(d, len(train_index.classes), cfg.train.seed)
     return train_index, train_loader, val_loader, mixup
-
-
-def build_mixup(d: DataConfig, num_classes: int, seed: int = 0) -> Mixup:
-    """Mixup/CutMix and label smoothing as the data config says."""
-    from deit_fast.data_pipeline import Mixup
-
-    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
-                 switch_prob=d.mixup_switch_prob, label_smoothing=d.label_smoothing,
-                 num_classes=num_classes, seed=seed)
 
 
 def build_criterion(cfg: Config) -> DistillationLoss:
@@ -136,13 +138,13 @@ def build_criterion(cfg: Config) -> DistillationLoss:
 def build_teacher_targets(cfg: Config, num_classes: int, device: torch.device
                           ) -> TeacherTargets | None:
     """The teacher's side of the loss: None without distillation; the online teacher
-    (distill.source=online), or the cached top-k the batches carry (cache)."""
+    (distill.source=online), or the cached top-k the batches carry (cache, of its mode)."""
     d = cfg.distill
     if d.type == "none":
         return None
-    teacher = None
-    if d.source == "online":
-        teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device)
+    if d.source == "cache":
+        return TeacherTargets(d.type, d.tau, num_classes, cache_mode=d.cache_mode)
+    teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, device, image_size(cfg))
     return TeacherTargets(d.type, d.tau, num_classes, teacher)
 
 

@@ -1,17 +1,18 @@
 """train.cuda_graphs: the whole update (mixing, forward, backward, non-finite guard, AdamW,
 EMA) captured once in a CUDA graph and replayed, one launch a step instead of thousands.
 
-The captured step is a function of device buffers only: the batch, the mixing draw as two
-small tensors (data_pipeline.mixup's `params`), the teacher targets, and the optimizer's
-lr tensor, which the trainer fills before each replay. Each step copies its inputs into
-the captured buffers and replays. The first WARMUP steps run eagerly on a side stream
-(real steps: they create the optimizer state and let the allocator and cuBLAS settle);
-the next one is captured, then every step replays it.
+The captured step is a function of device buffers only: the batch (with a teacher cache,
+its top-k too), the mixing draw as two small tensors (data_pipeline.mixup's `params`), and
+the optimizer's lr tensor, which the trainer fills before each replay. Each step copies
+its inputs into the captured buffers and replays. The first WARMUP steps run eagerly on
+a side stream (real steps: they create the optimizer state and let the allocator and
+cuBLAS settle); the next one is captured, then every step replays it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,15 +45,17 @@ class CapturedStep:
         self.outputs: tuple[Tensor, Tensor] | None = None
 
     def step(self, images: Tensor, labels: Tensor, perm: Tensor, weights: Tensor,
-             teacher: Tensor | None) -> tuple[Tensor, Tensor]:
-        t = self.trainer
-        images, targets, teacher = t.mix.apply(images, labels, perm, weights, teacher)
-        return t.forward_backward(images, targets, teacher), t.update()
+             teacher_values: Tensor | None, teacher_indices: Tensor | None
+             ) -> tuple[Tensor, Tensor]:
+        batch = SimpleNamespace(images=images, labels=labels, teacher_values=teacher_values,
+                                teacher_indices=teacher_indices)
+        return self.trainer.forward_backward(batch, perm, weights), self.trainer.update()
 
-    def __call__(self, images: Tensor, labels: Tensor, perm: Tensor, weights: Tensor,
-                 teacher: Tensor | None) -> tuple[Tensor, Tensor]:
+    def __call__(self, batch: Any, perm: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        fields = (batch.images, batch.labels, perm, weights,
+                  getattr(batch, "teacher_values", None), getattr(batch, "teacher_indices", None))
         inputs = [x if x is None else _pinned(x).to(self.device, non_blocking=True)
-                  for x in (images, labels, perm, weights, teacher)]
+                  for x in fields]
         if self.graph is None and self.steps < WARMUP:
             self.steps += 1
             side = torch.cuda.Stream(self.device)
@@ -78,7 +81,8 @@ class CapturedStep:
             self.outputs = self.step(*self.inputs)
 
     def load(self, inputs: list[Tensor | None]) -> None:
-        names = ("images", "labels", "mixing permutation", "mixing weights", "teacher targets")
+        names = ("images", "labels", "mixing pairing", "mixing weights", "teacher values",
+                 "teacher indices")
         for name, static, x in zip(names, self.inputs, inputs):
             if (static is None) != (x is None) or (x is not None and x.shape != static.shape):
                 shapes = [None if v is None else tuple(v.shape) for v in (static, x)]

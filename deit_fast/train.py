@@ -233,33 +233,33 @@ class Trainer:
         self.lr.fill_(self.last_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        teacher = self.teacher_targets.from_batch(batch) if self.teacher_targets else None
-        # Labels and cached teacher targets are mixed with the same lambda and permutation;
-        # each rank draws its own, as timm's per-process Mixup does.
+        # each rank draws its own mixing, as timm's per-process Mixup does
         key = (self.epoch, self.step_in_epoch, self.dist.rank)
         if self.captured is not None:
             images = batch.images
             params = self.mix.params(key, images.shape[-2], images.shape[-1], len(images))
-            return self.captured(images, batch.labels, *params, teacher)
+            return self.captured(batch, *params)
         if in_group == 0:
             self.optimizer.zero_grad(set_to_none=True)
-        images, targets, teacher = self.mix(batch.images, batch.labels, key=key, extra=teacher)
+        perm, weights = self.mix.device_params(key, batch.images)
         sync = self.updated or self.ddp is None
         with contextlib.nullcontext() if sync else self.ddp.no_sync():
-            loss = self.forward_backward(images, targets, teacher, group_size)
+            loss = self.forward_backward(batch, perm, weights, group_size)
         if not self.updated:
             return loss, torch.zeros_like(self.found_inf)
         return loss, self.update()
 
-    def forward_backward(self, images: Tensor, targets: Tensor, teacher: Tensor | None,
+    def forward_backward(self, batch: Any, perm: Tensor, weights: Tensor,
                          group_size: int = 1) -> Tensor:
-        """Adds this micro-batch's share of the update's mean-loss gradients; returns its loss.
-        A non-finite loss turns every gradient NaN (the update then sees it, on every rank
-        once DDP has reduced them, and GradScaler in fp16 too)."""
+        """Mixes the batch by the draw (perm, weights), adds this micro-batch's share of the
+        update's mean-loss gradients and returns its loss. A non-finite loss turns every
+        gradient NaN (the update then sees it, on every rank once DDP has reduced them, and
+        GradScaler in fp16 too)."""
+        images, targets = self.mix.apply(batch.images, batch.labels, perm, weights)
         with self.autocast():
             outputs = self.forward(images)
-            if self.teacher_targets:  # online: the teacher sees the mixed images
-                teacher = self.teacher_targets(images, teacher)
+            teacher = self.teacher_targets(batch, images, perm, weights) \
+                if self.teacher_targets else None
             loss = self.criterion(outputs, targets, teacher)
         share = torch.where(torch.isfinite(loss.detach()), 1.0 / group_size, float("nan"))
         self.scaler.scale(loss * share).backward()

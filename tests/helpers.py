@@ -21,7 +21,7 @@ from deit_fast.config import Config, load_config, to_dict
 from deit_fast.data_pipeline import Mixup, PlanParams
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
-from deit_fast.run import build_mixup, plan_params
+from deit_fast.recipe import build_mixup, plan_params
 from deit_fast.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,8 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 def teacher_setup(tmp_path: Path, *extra: str):
-    """A tiny image folder, a random timm teacher on disk, and a config caching it."""
+    """A tiny image folder, a random timm teacher on disk, and a config caching it (a views
+    cache of 3 views, top-2)."""
     data = tmp_path / "data"
     if not data.exists():
         write_tiny_imagefolder(data, classes=3, per_class=5, size=36)
@@ -138,7 +139,8 @@ def teacher_setup(tmp_path: Path, *extra: str):
         "data.repeats=2", "data.rand_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25",
         "data.eval_batch_size=4", "train.epochs=1", "train.progress=false", "train.device=cpu",
         f"distill.teacher={TEACHER}", f"distill.teacher_checkpoint={teacher}",
-        f"distill.cache_dir={tmp_path / 'cache'}", "distill.num_views=3", "distill.topk=2",
+        f"distill.cache_dir={tmp_path / 'cache'}", "distill.cache_mode=views",
+        "distill.num_views=3", "distill.topk=2",
         "distill.shard_size=6", "distill.type=hard", "distill.source=cache",
         f"train.output_dir={tmp_path / 'run'}", *extra])
 

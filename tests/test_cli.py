@@ -28,7 +28,7 @@ def test_eval_refuses_missing_and_foreign_checkpoints(capsys, tmp_path):
     foreign = tmp_path / "tiny.pt"
     torch.save(create_model("deit_tiny_patch16_224", depth=1).state_dict(), foreign)
     assert main(["eval", "--checkpoint", str(foreign), *common]) == 2
-    assert "checkpoint does not fit: tensor 'cls_token'" in capsys.readouterr().err
+    assert "checkpoint does not fit DeiT: tensor 'cls_token'" in capsys.readouterr().err
 
 
 def test_eval_of_a_checkpoint_reports_accuracy(capsys, tmp_path):

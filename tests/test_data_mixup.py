@@ -1,9 +1,8 @@
-"""Mixup / CutMix: targets and images against hand computations and timm's mixup_target."""
+"""Mixup / CutMix: targets and images against hand computations (timm's own: test_timm_parity)."""
 
 import numpy as np
 import pytest
 import torch
-from timm.data.mixup import mixup_target
 
 from tests.helpers import recipe_mixup
 
@@ -24,19 +23,17 @@ def _one_hot(labels, smoothing):
 def test_mixup_matches_a_hand_computation():
     images, labels = _constant_batch()
     mixup = recipe_mixup(C, seed=3, mixup=0.8, cutmix=0.0, label_smoothing=0.1)
-    lam, box, perm = mixup.draw((4, 17, 0), S, S, B)
-    assert box is None and 0 < lam < 1 and sorted(perm.tolist()) == list(range(B))
-    extra = torch.softmax(torch.randn(B, C), 1)
-    mixed, targets, mixed_extra = mixup(images, labels, key=(4, 17, 0), extra=extra)
+    lam, box, pairing = mixup.draw((4, 17, 0), S, S, B)
+    assert box is None and 0 < lam < 1 and pairing.tolist() == list(range(B))[::-1]
+    mixed, targets = mixup(images, labels, key=(4, 17, 0))
     for i in range(B):
-        j = int(perm[i])
+        j = int(pairing[i])
         assert torch.allclose(mixed[i], torch.full((3, S, S), lam * i + (1 - lam) * j))
         expected = (
             lam * _one_hot(labels[i : i + 1], 0.1)[0]
             + (1 - lam) * _one_hot(labels[j : j + 1], 0.1)[0]
         )
         torch.testing.assert_close(targets[i], expected)
-        torch.testing.assert_close(mixed_extra[i], lam * extra[i] + (1 - lam) * extra[j])
     assert torch.equal(images[:, 0, 0, 0], torch.arange(B, dtype=torch.float32))  # input intact
 
 
@@ -44,32 +41,18 @@ def test_cutmix_box_area_sets_lambda():
     images, labels = _constant_batch()
     mixup = recipe_mixup(C, seed=0, mixup=0.0, cutmix=1.0, label_smoothing=0.0)
     for step in range(20):
-        mixed, targets, _ = mixup(images, labels, key=(0, step, 0))
-        lam, (top, bottom, left, right), perm = mixup.draw((0, step, 0), S, S, B)
+        mixed, targets = mixup(images, labels, key=(0, step, 0))
+        lam, (top, bottom, left, right), pairing = mixup.draw((0, step, 0), S, S, B)
         for i in range(B):
-            from_other = (mixed[i] != i).float().mean().item() if perm[i] != i else 0.0
+            from_other = (mixed[i] != i).float().mean().item()
             area = (bottom - top) * (right - left) / S**2
-            assert from_other == pytest.approx(area if perm[i] != i else 0.0)
+            assert from_other == pytest.approx(area)
             assert lam == pytest.approx(1 - area)
             expected = (
                 lam * _one_hot(labels[i : i + 1], 0)[0]
-                + (1 - lam) * _one_hot(labels[perm[i] : perm[i] + 1], 0)[0]
+                + (1 - lam) * _one_hot(labels[pairing[i] : pairing[i] + 1], 0)[0]
             )
             torch.testing.assert_close(targets[i], expected)
-
-
-def test_mix_agrees_with_timm_for_the_flip_permutation(monkeypatch):
-    """timm's batch mode mixes each sample with the batch flipped: forced to draw that
-    permutation, `Mixup.__call__` gives timm's targets and the hand-mixed images."""
-    labels = torch.tensor([3, 1, 4, 1, 0, 2, 2, 4])
-    images, extra = torch.randn(B, 3, S, S), torch.softmax(torch.randn(B, C), 1)
-    mixup = recipe_mixup(C, mixup=0.8, cutmix=0.0, label_smoothing=0.1)
-    lam, flip = 0.3, np.arange(B)[::-1].copy()
-    monkeypatch.setattr(mixup, "draw", lambda key, height, width, batch: (lam, None, flip))
-    mixed, targets, mixed_extra = mixup(images, labels, key=(0, 0, 0), extra=extra)
-    torch.testing.assert_close(targets, mixup_target(labels, C, lam=lam, smoothing=0.1))
-    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
-    torch.testing.assert_close(mixed_extra, lam * extra + (1 - lam) * extra.flip(0))
 
 
 def test_off_gives_smoothed_one_hot_only():
@@ -78,8 +61,8 @@ def test_off_gives_smoothed_one_hot_only():
         recipe_mixup(C, mixup=0, cutmix=0),
         recipe_mixup(C, mixup_prob=0),
     ):
-        out, targets, extra = mixup(images, labels, key=(1, 2, 0))
-        assert torch.equal(out, images) and extra is None  # prob=0 still runs the blend, at 1
+        out, targets = mixup(images, labels, key=(1, 2, 0))
+        assert torch.equal(out, images)  # prob=0 still runs the blend, at 1
         torch.testing.assert_close(targets, _one_hot(labels, 0.1))
 
 
@@ -87,7 +70,7 @@ def test_draws_are_keyed_and_follow_the_recipe_rates():
     mixup = recipe_mixup(C, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5)
     draws = [mixup.draw((0, step, 0), 224, 224, 4) for step in range(2000)]
     again = mixup.draw((0, 5, 0), 224, 224, 4)
-    assert again[0] == draws[5][0] and np.array_equal(again[2], draws[5][2])
+    assert again[0] == draws[5][0] and again[1] == draws[5][1]
     cutmix = np.mean([box is not None for _, box, _ in draws])
     assert abs(cutmix - 0.5) < 0.05
     lams = np.array([lam for lam, box, _ in draws if box is None])
@@ -99,26 +82,20 @@ def test_draws_are_keyed_and_follow_the_recipe_rates():
     assert abs(applied - 0.3) < 0.04
 
 
-def test_integer_extra_is_refused():
-    images, labels = _constant_batch()
-    with pytest.raises(TypeError, match="extra must be a floating tensor"):
-        recipe_mixup(C)(images, labels, key=(0, 0, 0), extra=labels)
-
-
-def _sliced_mix(mixup, images, labels, key, extra):
+def _sliced_mix(mixup, images, labels, key):
     """The data-dependent-slice CutMix the fixed-shape one replaced: the reference."""
     targets = mixup.smooth_one_hot(labels)
-    lam, box, perm = mixup.draw(key, images.shape[-2], images.shape[-1], len(images))
-    if perm is None:
-        return images, targets, extra
-    perm = torch.from_numpy(perm)
+    lam, box, pairing = mixup.draw(key, images.shape[-2], images.shape[-1], len(images))
+    if pairing is None:
+        return images, targets
+    pairing = torch.from_numpy(pairing)
     if box is None:
-        images = torch.lerp(images[perm], images, lam)
+        images = torch.lerp(images[pairing], images, lam)
     else:
         top, bottom, left, right = box
         images = images.clone()
-        images[:, :, top:bottom, left:right] = images[perm, :, top:bottom, left:right]
-    return images, torch.lerp(targets[perm], targets, lam), torch.lerp(extra[perm], extra, lam)
+        images[:, :, top:bottom, left:right] = images[pairing, :, top:bottom, left:right]
+    return images, torch.lerp(targets[pairing], targets, lam)
 
 
 @pytest.mark.parametrize("size", [(16, 16), (13, 7), (1, 1)])
@@ -130,11 +107,10 @@ def test_fixed_shape_mix_equals_the_sliced_one(size):
     for step in range(40):
         images = torch.randn(B, 3, height, width)
         labels = torch.randint(0, C, (B,))
-        extra = torch.softmax(torch.randn(B, C), 1)
-        lam, box, perm = mixup.draw((2, step, 0), height, width, B)
-        kinds.add("none" if perm is None else "mixup" if box is None else "cutmix")
-        got = mixup(images, labels, key=(2, step, 0), extra=extra)
-        expected = _sliced_mix(mixup, images, labels, (2, step, 0), extra)
+        lam, box, pairing = mixup.draw((2, step, 0), height, width, B)
+        kinds.add("none" if pairing is None else "mixup" if box is None else "cutmix")
+        got = mixup(images, labels, key=(2, step, 0))
+        expected = _sliced_mix(mixup, images, labels, (2, step, 0))
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
     assert kinds == {"none", "mixup", "cutmix"}

@@ -206,7 +206,7 @@ def test_view_batches_render_listed_views_as_training_does(bad_tree):
     with pytest.warns(UserWarning, match=r"(truncated|corrupt|text)\.jpg"):
         rendered = list(view_batches(index, plan, batches, "torch", num_workers=1))
     expected = TrainViews(index, plan, "skip", finish_in_worker=True).__getitems__(
-        [(int(v), int(s), 0) for v, s in rows]
+        [(int(v), int(s), 0, int(v), int(s)) for v, s in rows]
     )["images"]
     assert torch.equal(torch.cat(rendered), expected)
     with pytest.raises(BadImageError, match=r"cannot decode image .*/a/(truncated|corrupt|text)"):
@@ -275,7 +275,7 @@ def test_worker_and_main_process_finish_alike(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
     params = recipe_plan(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
     plan = AugmentationPlan(params, seed=int(np.random.default_rng().integers(1000)))
-    keys = [(view, sample, 0) for view in (0, 1) for sample in range(len(index))]
+    keys = [(view, sample, 0, view, sample) for view in (0, 1) for sample in range(len(index))]
     raw = TrainViews(index, plan, "skip").__getitems__(keys)
     done = TrainViews(index, plan, "skip", finish_in_worker=True).__getitems__(keys)
     assert raw["images"].dtype == torch.uint8 and 0 < raw["erase_boxes"][:, 2].count_nonzero()
@@ -290,7 +290,8 @@ def test_finish_on_the_gpu_matches_the_cpu(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
     params = recipe_plan(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
     plan = AugmentationPlan(params, seed=int(np.random.default_rng().integers(1000)))
-    raw = TrainViews(index, plan, "skip").__getitems__([(1, s, 0) for s in range(len(index))])
+    raw = TrainViews(index, plan, "skip").__getitems__(
+        [(1, s, 0, 1, s) for s in range(len(index))])
     pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in raw.items()}
     on_gpu = finish(pinned, torch.device("cuda"), params.mean, params.std)
     on_cpu = finish(raw, torch.device("cpu"), params.mean, params.std)

@@ -52,7 +52,8 @@ def test_soft_matches_the_hand_computation_online_and_cached(logits, tau):
     expected = 0.7 * hand_ce(cls.numpy(), targets.numpy()) + \
         0.3 * hand_soft(dist.numpy(), t_probs, tau)
     online_teacher = TeacherTargets("soft", tau, C, teacher=lambda images: teacher)
-    online = loss((cls, dist), targets, online_teacher(torch.zeros(B, 3, 4, 4), None))
+    online = loss((cls, dist), targets,
+                  online_teacher(None, torch.zeros(B, 3, 4, 4), None, None))
     cached = loss((cls, dist), targets, torch.from_numpy(t_probs))
     assert online.item() == pytest.approx(expected, rel=1e-5)
     assert cached.item() == pytest.approx(expected, rel=1e-5)
@@ -64,7 +65,7 @@ def test_hard_matches_the_hand_computation_and_uses_the_class_head_without_token
     loss = DistillationLoss("hard", alpha=0.5)
     online = TeacherTargets("hard", 3.0, C, teacher=lambda images: teacher)
     assert online.target_tau == 1.0  # hard distillation takes the argmax at tau 1
-    teacher_targets = online(torch.zeros(B, 3, 4, 4), None)
+    teacher_targets = online(None, torch.zeros(B, 3, 4, 4), None, None)
     base, distill = loss.components((cls, dist), targets, teacher_targets)
     assert base.item() == pytest.approx(hand_ce(cls.numpy(), targets.numpy()), rel=1e-5)
     assert distill.item() == pytest.approx(hand_hard(dist.numpy(), teacher.numpy()), rel=1e-5)
@@ -73,19 +74,28 @@ def test_hard_matches_the_hand_computation_and_uses_the_class_head_without_token
                                                  rel=1e-5)
 
 
+def _mixing(seed=3):
+    """A Mixup draw of B images (mixup only, lambda in (0, 1)) and the label targets."""
+    mix = recipe_mixup(C, seed=seed, mixup=1.0, cutmix=0.0, label_smoothing=0.0)
+    perm, weights = mix.params((0, 1, 0), 4, 4, B)
+    assert 0 < weights[6] < 1 and perm.tolist() == list(range(B))[::-1]
+    return mix, perm, weights
+
+
 @pytest.mark.parametrize("kind", ["soft", "hard"])
-def test_cached_targets_are_mixed_with_the_labels_lambda_and_permutation(logits, kind):
+def test_a_views_cache_is_mixed_with_the_labels_lambda_and_pairing(logits, kind):
     cls, dist, teacher = logits
     tau = 2.0 if kind == "soft" else 1.0
     t_probs = softmax(teacher.numpy() / tau)
-    mix = recipe_mixup(C, seed=3, mixup=1.0, cutmix=0.0, label_smoothing=0.0)
+    mix, perm, weights = _mixing()
+    lam = float(weights[6])
     labels = torch.arange(B) % C
-    images, targets, mixed = mix(torch.zeros(B, 3, 4, 4), labels, key=(0, 1, 0),
-                                 extra=torch.from_numpy(t_probs))
-    lam, _, perm = mix.draw((0, 1, 0), 4, 4, B)
-    assert 0 < lam < 1
+    images, targets = mix.apply(torch.zeros(B, 3, 4, 4), labels, perm, weights)
+    top = torch.log_softmax(teacher, dim=-1).float().topk(C)
+    batch = SimpleNamespace(teacher_values=top.values, teacher_indices=top.indices)
+    mixed = TeacherTargets(kind, tau, C, cache_mode="views")(batch, images, perm, weights)
     expected_mix = lam * t_probs + (1 - lam) * t_probs[perm]
-    np.testing.assert_allclose(mixed.numpy(), expected_mix, rtol=1e-6)
+    np.testing.assert_allclose(mixed.numpy(), expected_mix, rtol=1e-5)
     one_hot = np.eye(C)[labels.numpy()]
     expected_targets = lam * one_hot + (1 - lam) * one_hot[perm]
     hand = hand_soft(dist.numpy(), expected_mix, tau) if kind == "soft" else \
@@ -99,28 +109,33 @@ def test_distillation_without_any_teacher_is_refused(logits):
     with pytest.raises(ValueError, match="distill.type='hard' needs teacher targets"):
         DistillationLoss("hard")(tuple(logits[:2]), torch.eye(C)[torch.arange(B) % C])
     with pytest.raises(ValueError, match="the batch carries no teacher top-k"):
-        TeacherTargets("hard", 1.0, C).from_batch(SimpleNamespace(images=None))
+        TeacherTargets("hard", 1.0, C, cache_mode="batches")(
+            SimpleNamespace(images=None), None, None, None)
+    with pytest.raises(ValueError, match="an online teacher or a cache mode, one"):
+        TeacherTargets("hard", 1.0, C)
 
 
-def test_online_teacher_sees_the_mixed_images_and_cached_targets_are_rebuilt():
-    """Online: the teacher runs on the images it is given (the mixed batch), once; cached:
-    the batch's top-k becomes the distribution at tau, which the mixed targets replace."""
+def test_one_path_gives_the_targets_of_the_mixed_batch_for_every_source():
+    """Online: the teacher runs once on the mixed images it is given; a batches cache: the
+    batch's top-k at tau as it is (it was computed on the mixed images); a views cache: the
+    top-k of each view at tau, mixed with the labels' lambda and pairing."""
     seen = []
     teacher = lambda images: seen.append(images) or images.mean(dim=(2, 3))[:, :C]
-    online = TeacherTargets("soft", 2.0, C, teacher=teacher)
+    mix, perm, weights = _mixing()
     mixed_images = torch.randn(B, C, 4, 4)
-    batch = SimpleNamespace(images=torch.randn(B, C, 4, 4))
-    assert online.from_batch(batch) is None
-    got = online(mixed_images, None)
-    assert len(seen) == 1 and seen[0] is mixed_images
-    torch.testing.assert_close(got, torch.softmax(mixed_images.mean(dim=(2, 3)) / 2.0, dim=-1))
     probs = torch.softmax(torch.randn(B, C), dim=1)
     top = probs.log().topk(C)
-    cached = TeacherTargets("soft", 2.0, C)
-    rebuilt = cached.from_batch(SimpleNamespace(teacher_values=top.values,
-                                                teacher_indices=top.indices))
-    torch.testing.assert_close(rebuilt, probs**0.5 / (probs**0.5).sum(dim=1, keepdim=True))
-    assert cached(mixed_images, rebuilt) is rebuilt
+    batch = SimpleNamespace(teacher_values=top.values, teacher_indices=top.indices)
+    online = TeacherTargets("soft", 2.0, C, teacher=teacher)(batch, mixed_images, perm, weights)
+    assert len(seen) == 1 and seen[0] is mixed_images
+    torch.testing.assert_close(online,
+                               torch.softmax(mixed_images.mean(dim=(2, 3)) / 2.0, dim=-1))
+    at_tau = probs**0.5 / (probs**0.5).sum(dim=1, keepdim=True)
+    exact = TeacherTargets("soft", 2.0, C, cache_mode="batches")(batch, None, perm, weights)
+    torch.testing.assert_close(exact, at_tau)
+    views = TeacherTargets("soft", 2.0, C, cache_mode="views")(batch, None, perm, weights)
+    lam = float(weights[6])
+    torch.testing.assert_close(views, lam * at_tau + (1 - lam) * at_tau[perm])
 
 
 class RecordingLoss(DistillationLoss):
@@ -151,10 +166,8 @@ def test_a_short_distilled_run_decreases_both_losses(tmp_path):
     labels = torch.arange(n) % classes
     images = torch.randn(classes, 3, 32, 32)[labels] + 0.5 * torch.randn(n, 3, 32, 32)
     # a teacher that disagrees with the labels: the distillation head must learn its rule
-    header = manifest_header(dataset_fingerprint="", num_samples=n, seed=0, plan={},
-                             repeats=1, num_classes=classes, teacher="rule",
-                             teacher_checkpoint_sha256="", num_views=1, topk=2, epochs=1,
-                             views_backend="torch", shard_size=n, forwards=n)
+    header = manifest_header(dict(cache_mode="views", num_classes=classes, topk=2, epochs=1,
+                                  repeats=1), groups=1, rows=n, shard_rows=n, forwards=n)
     writer = ShardWriter(tmp_path / "cache", header)
     values = np.log(np.tile([[0.9, 0.05]], (n, 1)))
     indices = torch.stack([(labels + 1) % classes, labels], dim=1).numpy()
@@ -173,7 +186,7 @@ def test_a_short_distilled_run_decreases_both_losses(tmp_path):
     mix = recipe_mixup(classes, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
     trainer = Trainer(cfg, model, IndexedLoader(images, labels, 16, cache), None, loss, mix,
                       torch.device("cpu"), tmp_path / "run",
-                      teacher_targets=TeacherTargets("hard", 1.0, classes))
+                      teacher_targets=TeacherTargets("hard", 1.0, classes, cache_mode="views"))
     trainer.fit()
     trainer.close()
     seen = np.array(loss.seen)

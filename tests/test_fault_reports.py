@@ -271,8 +271,8 @@ def test_bad_image_error_policy_is_one_line_naming_the_file(tmp_path, capfd, bac
 
 def test_warnings_for_reused_cache_views_and_a_warmup_longer_than_the_run(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "run", "distill.type=hard", "distill.source=cache",
-                      f"distill.cache_dir={tmp_path}", "distill.num_views=2", "train.epochs=3",
-                      "data.repeats=2")
+                      f"distill.cache_dir={tmp_path}", "distill.cache_mode=views",
+                      "distill.num_views=2", "train.epochs=3", "data.repeats=2")
     with pytest.warns(UserWarning, match=r"holds 2 views, this run shows 4 .*views repeat"):
         warn_view_reuse(cfg)
     with warnings.catch_warnings():

@@ -14,7 +14,7 @@ from deit_fast.evaluate import evaluate
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.ops import KernelChoice
-from deit_fast.run import build_mixup
+from deit_fast.recipe import build_mixup
 from deit_fast.teacher import TeacherTargets
 from deit_fast.train import Trainer
 
@@ -85,7 +85,8 @@ def make_trainer(tmp_path, loader, *overrides, device="cpu", kernels=None, **sha
     mix = build_mixup(cfg.data, CLASSES)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     return Trainer(cfg, model, loader, None, criterion, mix, torch.device(device), tmp_path,
-                   teacher_targets=TeacherTargets(cfg.distill.type, cfg.distill.tau, CLASSES))
+                   teacher_targets=TeacherTargets(cfg.distill.type, cfg.distill.tau, CLASSES,
+                                                  cache_mode="views"))
 
 
 def run_steps(trainer, batches):

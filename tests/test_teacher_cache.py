@@ -26,23 +26,27 @@ from tests.helpers import TEACHER, teacher_setup
 
 
 def header(**changes):
-    fields = dict(dataset_fingerprint="abc", num_samples=7, seed=0, plan={"image_size": 32},
-                  repeats=1, num_classes=5, teacher="t", teacher_checkpoint_sha256="00",
-                  num_views=3, topk=2, epochs=3, views_backend="torch", shard_size=3, forwards=21)
-    return manifest_header(**{**fields, **changes})
+    """A views cache's manifest header: 3 views of 7 samples in shards of 3, top-2 of 5."""
+    identity = dict(cache_mode="views", dataset_fingerprint="abc", num_samples=7, seed=0,
+                    plan={"image_size": 32}, repeats=1, num_classes=5, teacher="t",
+                    teacher_checkpoint_sha256="00", num_views=3, topk=2, epochs=3,
+                    views_backend="torch")
+    identity.update(changes)
+    return manifest_header(identity, groups=identity["num_views"],
+                           rows=identity["num_samples"], shard_rows=3, forwards=21)
 
 
 def write_random_cache(folder: Path, **changes):
     """A complete cache of random top-k; returns the (values, indices) written, [V, N, k]."""
     h = header(**changes)
     rng = np.random.default_rng(0)
-    shape = (h["num_views"], h["num_samples"], h["topk"])
+    shape = (h["groups"], h["rows"], h["topk"])
     values = -rng.random(shape).astype(np.float16) * 5
     indices = rng.integers(0, h["num_classes"], shape).astype(np.int16)
     writer = ShardWriter(folder, h)
     for s in writer.layout.shards():
-        rows = slice(s.first_sample, s.first_sample + s.count)
-        writer.write(s, values[s.view, rows], indices[s.view, rows])
+        rows = slice(s.first_row, s.first_row + s.count)
+        writer.write(s, values[s.group, rows], indices[s.group, rows])
     assert writer.finalize()
     return values, indices
 
@@ -95,7 +99,7 @@ def test_corrupted_and_truncated_shards_are_named(tmp_path):
     ("dataset_fingerprint", "other"), ("seed", 1), ("plan", {"image_size": 64}),
     ("num_classes", 6), ("teacher", "other"), ("teacher_checkpoint_sha256", "11"),
     ("num_views", 4), ("topk", 3), ("num_samples", 8), ("repeats", 3), ("epochs", 6),
-    ("views_backend", "dali-cpu"),
+    ("views_backend", "dali-cpu"), ("cache_mode", "batches"),
 ])
 def test_manifest_mismatch_names_the_field(tmp_path, field, value):
     write_random_cache(tmp_path)
@@ -130,7 +134,7 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
 def cached_pairs(folder: Path) -> set[tuple[int, int]]:
     """The (view, sample) pairs whose teacher top-k the cache holds (not NOT_SHOWN rows)."""
     cache = TeacherCache(folder)
-    views, samples = np.meshgrid(np.arange(cache.num_views), np.arange(cache.num_samples),
+    views, samples = np.meshgrid(np.arange(cache.layout.groups), np.arange(cache.layout.rows),
                                  indexing="ij")
     pairs = set()
     for v, s in zip(views.ravel(), samples.ravel()):
@@ -298,7 +302,7 @@ def test_a_failed_pass_does_not_block_the_corrected_command(tmp_path):
     cfg = teacher_setup(tmp_path)
     common = ["model.name=deit_micro_distilled_patch4_32", f"data.path={cfg.data.path}",
               "data.num_workers=0", "train.progress=false", "train.epochs=1", "data.repeats=2",
-              "distill.topk=2", f"distill.cache_dir={tmp_path / 'cli'}",
+              "distill.topk=2", f"distill.cache_dir={tmp_path / 'cli'}", "distill.cache_mode=views",
               f"distill.teacher_checkpoint={cfg.distill.teacher_checkpoint}"]
 
     def cli(*args):
@@ -313,6 +317,7 @@ def test_a_failed_pass_does_not_block_the_corrected_command(tmp_path):
     ShardWriter(tmp_path / "cli", header(teacher="another"))
     done = cli(f"distill.teacher={TEACHER}")
     assert done.returncode == 0, done.stderr
-    assert "14 teacher forwards (2 views of 15 images" in done.stdout  # 1 epoch: 2 x 7
+    assert ("14 teacher forwards (one per (view, image) pair the run shows: 1 epoch(s) with "
+            "data.repeats=2, 2 views x 15 images)") in done.stdout  # 1 epoch: 2 x 7
     manifest = TeacherCache(tmp_path / "cli").manifest
     assert manifest["teacher"] == TEACHER and manifest["forwards"] == 14

@@ -1,14 +1,19 @@
-"""Model registry, and loading of timm / official DeiT / deit-fast checkpoints."""
+"""Model registry, and loading of timm / official DeiT / deit-fast checkpoints.
+
+`model.name` is one of deit-fast's DeiTs (MODEL_SPECS: the Triton kernels back them) or any
+timm model (a convnet teacher trained on one's own classes, a baseline), built by timm.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from deit_fast import checkpoint
 from deit_fast.models.deit import DeiT
@@ -37,15 +42,57 @@ class CheckpointMismatch(ValueError):
     """A checkpoint's tensors do not fit the model."""
 
 
-def create_model(name: str, kernels: KernelChoice | None = None, **overrides: Any) -> DeiT:
-    """Build a registered DeiT; overrides (img_size, num_classes, drop_path_rate, depth...) win."""
+def is_known_model(name: str) -> bool:
+    """A DeiT of MODEL_SPECS or a model timm can build."""
+    if name in MODEL_SPECS:
+        return True
+    import timm
+
+    return timm.is_model(name)
+
+
+def model_image_size(name: str) -> int:
+    """The resolution a model is built for: its spec's, or its timm configuration's."""
+    if name in MODEL_SPECS:
+        return MODEL_SPECS[name].get("img_size", 224)
+    import timm
+
+    return timm.create_model(name, pretrained=False).pretrained_cfg["input_size"][-1]
+
+
+def create_model(name: str, kernels: KernelChoice | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered DeiT (overrides: img_size, num_classes, drop_path_rate, depth...
+    win) or a timm model (img_size, num_classes, drop_path_rate; a convnet takes any image
+    size and no img_size argument)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if name not in MODEL_SPECS:
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_SPECS)}")
-    kwargs = dict(MODEL_SPECS[name])
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    model = DeiT(**kwargs)
+        return _create_timm(name, **overrides)
+    model = DeiT(**{**MODEL_SPECS[name], **overrides})
     model.set_kernels(kernels or KernelChoice())
     return model
+
+
+def _create_timm(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_SPECS)}, or a "
+                         "timm model name (timm.list_models())")
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    """The modules whose tensors are the class heads: a DeiT's, or timm's `classifier`."""
+    if isinstance(model, DeiT):
+        return ("head", "head_dist")
+    names = getattr(model, "pretrained_cfg", {}).get("classifier", ())
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def interpolate_pos_embed(pos_embed: Tensor, num_prefix_tokens: int, new_grid: int) -> Tensor:
@@ -81,43 +128,56 @@ def read_state_dict(source: str | Path | dict[str, Any]) -> dict[str, Tensor]:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in source.items()}
 
 
-def load_checkpoint(model: DeiT, source: str | Path | dict[str, Any],
+def load_checkpoint(model: nn.Module, source: str | Path | dict[str, Any],
                     new_head: bool = False) -> None:
-    """Load a timm / official DeiT / deit-fast state dict (raw or under "model") into `model`.
+    """Load a timm / official DeiT / deit-fast state dict (raw or under "model") into `model`
+    (a deit-fast DeiT or a timm model).
 
     The architecture is checked first: the first tensor, in the model's order, that is
-    missing or of another shape (pos_embed aside), then any unexpected tensor (a
-    distillation token the model lacks), raises CheckpointMismatch naming it. Only then is
-    pos_embed resized bicubically to the model's resolution. With new_head=True, class
-    heads of another size are left at their fresh initialisation (fine-tuning to new classes).
+    missing or of another shape (a DeiT's pos_embed aside), then any unexpected tensor (a
+    distillation token the model lacks), raises CheckpointMismatch naming it. Only then is a
+    DeiT's pos_embed resized bicubically to the model's resolution. With new_head=True,
+    class heads of another size are left at their fresh initialisation (fine-tuning to new
+    classes), and a warning says so.
     """
     state = read_state_dict(source)
     own = model.state_dict()
+    where = f"{type(model).__name__}"
+    resizable = {"pos_embed"} if isinstance(model, DeiT) else set()
+    fresh = []
     for key, value in own.items():
         if key not in state:
-            raise CheckpointMismatch(f"checkpoint does not fit {type(model).__name__}: tensor "
-                                     f"{key!r} {tuple(value.shape)} is missing (another "
-                                     "architecture?)")
-        if key != "pos_embed" and state[key].shape != value.shape:
-            if new_head and key.split(".")[0] in ("head", "head_dist"):
+            raise CheckpointMismatch(f"checkpoint does not fit {where}: tensor {key!r} "
+                                     f"{tuple(value.shape)} is missing (another architecture?)")
+        if key not in resizable and state[key].shape != value.shape:
+            if new_head and key.rsplit(".", 1)[0] in classifier_keys(model):
                 state[key] = value
+                fresh.append(key)
                 continue
-            raise CheckpointMismatch(f"checkpoint does not fit: tensor {key!r} has shape "
+            raise CheckpointMismatch(f"checkpoint does not fit {where}: tensor {key!r} has shape "
                                      f"{tuple(state[key].shape)}, the model expects "
                                      f"{tuple(value.shape)}")
     extra = sorted(set(state) - set(own))
     if extra:
-        raise CheckpointMismatch(f"checkpoint does not fit: unexpected tensor {extra[0]!r} "
-                                 f"{tuple(state[extra[0]].shape)} (another architecture?)")
-    theirs, wanted = state["pos_embed"], own["pos_embed"]
-    if theirs.shape != wanted.shape:
-        if theirs.shape[-1] != wanted.shape[-1]:
-            raise CheckpointMismatch(f"checkpoint does not fit: tensor 'pos_embed' has shape "
-                                     f"{tuple(theirs.shape)}, the model expects "
-                                     f"{tuple(wanted.shape)}")
-        state["pos_embed"] = interpolate_pos_embed(theirs, model.num_prefix_tokens, model.grid)
+        raise CheckpointMismatch(f"checkpoint does not fit {where}: unexpected tensor "
+                                 f"{extra[0]!r} {tuple(state[extra[0]].shape)} (another "
+                                 "architecture?)")
+    if fresh:
+        warnings.warn(f"model.init_checkpoint: the class head ({', '.join(fresh)}) has another "
+                      "number of classes than this run's; it starts from a fresh "
+                      "initialisation", stacklevel=2)
+    if resizable:
+        theirs, wanted = state["pos_embed"], own["pos_embed"]
+        if theirs.shape != wanted.shape:
+            if theirs.shape[-1] != wanted.shape[-1]:
+                raise CheckpointMismatch(f"checkpoint does not fit: tensor 'pos_embed' has "
+                                         f"shape {tuple(theirs.shape)}, the model expects "
+                                         f"{tuple(wanted.shape)}")
+            state["pos_embed"] = interpolate_pos_embed(theirs, model.num_prefix_tokens,
+                                                       model.grid)
     model.load_state_dict(state, strict=True)
 
 
-__all__ = ["MODEL_SPECS", "CheckpointMismatch", "DeiT", "create_model", "interpolate_pos_embed",
-           "load_checkpoint", "read_state_dict"]
+__all__ = ["MODEL_SPECS", "CheckpointMismatch", "DeiT", "classifier_keys", "create_model",
+           "interpolate_pos_embed", "is_known_model", "load_checkpoint", "model_image_size",
+           "read_state_dict"]
