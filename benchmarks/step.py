@@ -168,7 +168,8 @@ def _train_step(trainer: Trainer, data: SimpleNamespace) -> Callable[[], None]:
 
     def step() -> None:
         _, bad = trainer.train_step(data)
-        trainer.count_bad(bad)
+        if trainer.updated:
+            trainer.bad.count(bad)
         trainer.step_in_epoch = (trainer.step_in_epoch + 1) % trainer.train_loader.steps_per_epoch
 
     return step

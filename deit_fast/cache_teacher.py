@@ -19,7 +19,6 @@ skips finished shards, and a complete cache is left as it is.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import os
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from deit_fast.data_pipeline.teacher_cache import (
     row_bytes,
     sha256_file,
 )
+from deit_fast.ops import autocast
 from deit_fast.recipe import (
     build_mixup,
     cache_geometry,
@@ -55,7 +55,6 @@ from deit_fast.recipe import (
     views_backend,
 )
 from deit_fast.teacher import load_teacher
-from deit_fast.train import PRECISION
 
 
 @dataclass
@@ -181,9 +180,7 @@ class CachePass:
         self.device, self.k = device, cfg.distill.topk
         self.plan = AugmentationPlan(plan_params(cfg), cfg.train.seed)
         self.mixup = build_mixup(cfg.data, len(index.classes), cfg.train.seed)
-        dtype = PRECISION[cfg.train.precision]
-        self.autocast = (lambda: contextlib.nullcontext()) if dtype == torch.float32 else \
-            (lambda: torch.autocast(device.type, dtype=dtype))
+        self.autocast = lambda: autocast(device, cfg.train.precision)
 
     def run(self, work: list[TeacherBatch], shards: list[ShardSpec], bar: tqdm) -> None:
         d = self.cfg.data

@@ -22,7 +22,7 @@ import yaml
 from deit_fast.data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
 from deit_fast.data_pipeline.teacher_cache import CACHE_MODES
 from deit_fast.losses import DISTILL_TYPES
-from deit_fast.ops import ATTENTION, GELU, LAYERNORM
+from deit_fast.ops import ATTENTION, GELU, LAYERNORM, PRECISION
 
 
 class ConfigError(ValueError):
@@ -145,7 +145,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.type": DISTILL_TYPES,
     "distill.source": ("online", "cache"),
     "distill.cache_mode": CACHE_MODES,
-    "train.precision": ("bf16", "fp16", "fp32"),
+    "train.precision": tuple(PRECISION),
     "train.device": ("auto", "cpu", "cuda"),
     "train.compile": ("none", "default", "max-autotune"),
 }

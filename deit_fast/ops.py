@@ -1,13 +1,16 @@
-"""The one place that decides which implementation of attention, LayerNorm and GELU runs.
+"""The one place that decides which implementation of attention, LayerNorm and GELU runs,
+and in which precision the step computes.
 
 `resolve_kernels` turns the config's wishes (auto | triton | sdpa | eager ...) into a
 concrete `KernelChoice` for a device, or stops with a clear message when the wish cannot
 run there. The model calls `attention`, `layer_norm` and `bias_gelu` below with that
-choice; it never imports a kernel itself.
+choice; it never imports a kernel itself. `autocast` is train.precision's context for the
+training step, the evaluation and the teacher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -19,6 +22,15 @@ from torch import Tensor
 ATTENTION = ("triton", "sdpa", "eager")
 LAYERNORM = ("triton", "torch", "apex")
 GELU = ("triton", "torch")
+PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for train.precision (bf16, fp16) on `device`; fp32 runs as it is."""
+    dtype = PRECISION[precision]
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 class KernelUnavailable(RuntimeError):

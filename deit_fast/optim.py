@@ -30,14 +30,18 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / 512 if cfg.scale_lr else cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, device: torch.device,
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: torch.Tensor,
                     capturable: bool = False) -> torch.optim.AdamW:
-    """Fused AdamW on every device: its step counts live on the device and it takes the lr
-    and a found-inf flag as device tensors, so a step never reads a value on the host (the
+    """Fused AdamW on every device: its step counts live on the device and it reads the lr
+    (`lr`, a float32 device tensor every group shares, filled from the schedule) and a
+    found-inf flag as device tensors, so a step never reads a value on the host (the
     foreach AdamW reads each step count). `capturable` lets a CUDA graph capture it."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay),
-                             lr=torch.tensor(lr, dtype=torch.float32, device=device),
-                             betas=cfg.betas, eps=cfg.eps, fused=True, capturable=capturable)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr.clone(),
+                                  betas=cfg.betas, eps=cfg.eps, fused=True,
+                                  capturable=capturable)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return optimizer
 
 
 class CosineSchedule:

@@ -16,7 +16,7 @@ from deit_fast import checkpoint, distributed
 from deit_fast.config import Config, ConfigError, load_config, save_config, to_dict
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model, load_checkpoint
-from deit_fast.ops import resolve_kernels
+from deit_fast.ops import autocast, resolve_kernels
 from deit_fast.recipe import (
     build_mixup,
     cache_identity,
@@ -27,7 +27,7 @@ from deit_fast.recipe import (
     resolve_device,
 )
 from deit_fast.teacher import TeacherTargets, load_teacher
-from deit_fast.train import PRECISION, Trainer
+from deit_fast.train import Trainer
 
 if TYPE_CHECKING:
     from deit_fast.data_pipeline import DatasetIndex
@@ -301,7 +301,4 @@ def evaluate_checkpoint(config_file: str | None, overrides: list[str], checkpoin
                               batch_size=cfg.data.eval_batch_size,
                               num_workers=cfg.data.num_workers, backend=cfg.data.backend,
                               device=device, on_bad_image=cfg.data.on_bad_image)
-    dtype = PRECISION[cfg.train.precision]
-    if dtype == torch.float32:
-        return evaluate(model, loader, device)
-    return evaluate(model, loader, device, lambda: torch.autocast(device.type, dtype=dtype))
+    return evaluate(model, loader, device, lambda: autocast(device, cfg.train.precision))

@@ -1,26 +1,28 @@
 """train.cuda_graphs: the whole update (mixing, forward, backward, non-finite guard, AdamW,
 EMA) captured once in a CUDA graph and replayed, one launch a step instead of thousands.
 
-The captured step is a function of device buffers only: the batch (with a teacher cache,
-its top-k too), the mixing draw as two small tensors (data_pipeline.mixup's `params`), and
-the optimizer's lr tensor, which the trainer fills before each replay. Each step copies
-its inputs into the captured buffers and replays. The first WARMUP steps run eagerly on
-a side stream (real steps: they create the optimizer state and let the allocator and
-cuBLAS settle); the next one is captured, then every step replays it.
+The captured update is step.TrainStep's own, a function of device buffers only: the batch
+(with a teacher cache, its top-k too), the mixing draw as two small tensors
+(data_pipeline.mixup's `params`), and the optimizer's lr tensor, which the step fills
+before each replay. Each step copies its inputs into the captured buffers and replays. The
+first WARMUP steps run eagerly on a side stream (real steps: they create the optimizer
+state and let the allocator and cuBLAS settle); the next one is captured, then every step
+replays it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from deit_fast.train import Trainer
-
 WARMUP = 3
+FIELDS = ("images", "labels", "teacher_values", "teacher_indices")  # the batch's, copied in
+
+Update = Callable[[Any, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _pinned(x: Tensor) -> Tensor:
@@ -29,31 +31,25 @@ def _pinned(x: Tensor) -> Tensor:
 
 
 class CapturedStep:
-    def __init__(self, trainer: Trainer, device: torch.device) -> None:
-        if device.type != "cuda":
-            raise ValueError(f"train.cuda_graphs: needs a CUDA device, this run has {device}")
-        if trainer.ddp is not None:
-            raise ValueError("train.cuda_graphs: DDP's gradient all-reduce is not captured; "
-                             "use it on one process (or turn train.cuda_graphs off)")
-        if trainer.scaler.is_enabled() or trainer.accum_steps != 1:
-            raise ValueError("train.cuda_graphs: needs train.precision bf16 or fp32 and "
-                             "train.accum_steps=1")
-        self.trainer, self.device = trainer, device
+    """`captured(batch, perm, weights)` -> (loss, skipped flag), by replaying `update`."""
+
+    def __init__(self, update: Update, zero_grad: Callable[[], None],
+                 device: torch.device) -> None:
+        self.update, self.zero_grad, self.device = update, zero_grad, device
         self.steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: list[Tensor | None] = []
         self.outputs: tuple[Tensor, Tensor] | None = None
 
-    def step(self, images: Tensor, labels: Tensor, perm: Tensor, weights: Tensor,
-             teacher_values: Tensor | None, teacher_indices: Tensor | None
-             ) -> tuple[Tensor, Tensor]:
+    def run(self, images: Tensor, labels: Tensor, teacher_values: Tensor | None,
+            teacher_indices: Tensor | None, perm: Tensor, weights: Tensor
+            ) -> tuple[Tensor, Tensor]:
         batch = SimpleNamespace(images=images, labels=labels, teacher_values=teacher_values,
                                 teacher_indices=teacher_indices)
-        return self.trainer.forward_backward(batch, perm, weights), self.trainer.update()
+        return self.update(batch, perm, weights)
 
     def __call__(self, batch: Any, perm: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-        fields = (batch.images, batch.labels, perm, weights,
-                  getattr(batch, "teacher_values", None), getattr(batch, "teacher_indices", None))
+        fields = [getattr(batch, name, None) for name in FIELDS] + [perm, weights]
         inputs = [x if x is None else _pinned(x).to(self.device, non_blocking=True)
                   for x in fields]
         if self.graph is None and self.steps < WARMUP:
@@ -61,8 +57,8 @@ class CapturedStep:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self.trainer.optimizer.zero_grad(set_to_none=True)
-                out = self.step(*inputs)
+                self.zero_grad()
+                out = self.run(*inputs)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
         if self.graph is None:
@@ -75,14 +71,13 @@ class CapturedStep:
 
     def capture(self, inputs: list[Tensor | None]) -> None:
         self.inputs = [x if x is None else x.clone() for x in inputs]
-        self.trainer.optimizer.zero_grad(set_to_none=True)  # backward allocates them in the graph
+        self.zero_grad()  # backward allocates the gradients inside the graph
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = self.step(*self.inputs)
+            self.outputs = self.run(*self.inputs)
 
     def load(self, inputs: list[Tensor | None]) -> None:
-        names = ("images", "labels", "mixing pairing", "mixing weights", "teacher values",
-                 "teacher indices")
+        names = (*FIELDS, "mixing pairing", "mixing weights")
         for name, static, x in zip(names, self.inputs, inputs):
             if (static is None) != (x is None) or (x is not None and x.shape != static.shape):
                 shapes = [None if v is None else tuple(v.shape) for v in (static, x)]

@@ -102,15 +102,15 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_identical(data, straight):
 # --------------------------------------------------------------------------- NaN losses
 def snapshot(trainer):
     return ({k: v.clone() for k, v in trainer.model.state_dict().items()},
-            {k: v.clone() for k, v in trainer.ema.state_dict().items()},
-            [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()])
+            {k: v.clone() for k, v in trainer.step.ema.state_dict().items()},
+            [{k: v.clone() for k, v in s.items()} for s in trainer.step.optimizer.state.values()])
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 def test_nan_loss_step_changes_nothing_and_is_counted(tmp_path, fused):
     trainer = tensor_trainer(tmp_path, bad={1, 3})
     if fused:  # the CUDA path (found_inf inside the kernel), run here on the CPU
-        trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), fused=True)
+        trainer.step.optimizer = torch.optim.AdamW(trainer.model.parameters(), fused=True)
     batches = list(trainer.train_loader.epoch(0))
     trainer.train_step(batches[0])
     before = snapshot(trainer)
@@ -133,9 +133,9 @@ def test_fp16_nan_loss_lowers_the_scale(tmp_path):
     trainer = tensor_trainer(tmp_path, bad={1}, precision="fp16")
     batches = list(trainer.train_loader.epoch(0))
     trainer.train_step(batches[0])
-    scale = trainer.scaler.get_scale()
+    scale = trainer.step.scaler.get_scale()
     trainer.train_step(batches[1])
-    assert trainer.scaler.get_scale() == scale * 0.5
+    assert trainer.step.scaler.get_scale() == scale * 0.5
 
 
 def test_nan_streak_stops_with_a_message(tmp_path):

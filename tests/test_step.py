@@ -94,7 +94,8 @@ def run_steps(trainer, batches):
     out = []
     for batch in batches:
         loss, bad = trainer.train_step(batch)
-        trainer.count_bad(bad)
+        if trainer.updated:
+            trainer.bad.count(bad)
         out.append((loss.item(), bad.item(), trainer.updated))
         trainer.step_in_epoch += 1
     return out
@@ -130,8 +131,8 @@ def test_the_sync_count_sees_a_sync(tmp_path):
 
 def _snapshot(trainer):
     return [{k: v.clone() for k, v in trainer.model.state_dict().items()},
-            {k: v.clone() for k, v in trainer.ema.state_dict().items()},
-            *({k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values())]
+            {k: v.clone() for k, v in trainer.step.ema.state_dict().items()},
+            *({k: v.clone() for k, v in s.items()} for s in trainer.step.optimizer.state.values())]
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
@@ -160,7 +161,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_counted(tmp_pat
             assert all(unchanged) == (i == poison["step"]), i
     assert all(torch.isfinite(torch.tensor(losses)))
     assert flags == [0.0, 0.0, 1.0, 0.0]
-    assert trainer.bad_steps.item() == 1
+    assert trainer.bad.total.item() == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
@@ -188,9 +189,9 @@ def test_compiled_losses_equal_eager(tmp_path):
         start = trainer.model.head.weight.detach().clone()
         losses = [loss for loss, _, _ in run_steps(trainer, loader.batches)]
         val = [(b.images, b.labels) for b in loader.batches[:2]]
-        results[mode] = (losses, evaluate(trainer.eval_model, val, trainer.device),
+        results[mode] = (losses, evaluate(trainer.step.eval_model, val, trainer.device),
                          start, trainer.model.head.weight.detach().clone())
-        assert isinstance(trainer.eval_model, torch._dynamo.eval_frame.OptimizedModule) == (
+        assert isinstance(trainer.step.eval_model, torch._dynamo.eval_frame.OptimizedModule) == (
             mode == "default")
         trainer.close()
     (eager, eager_eval, start, eager_end), (compiled, compiled_eval, _, compiled_end) = (
@@ -223,12 +224,13 @@ def test_two_accumulated_half_batches_equal_one_batch(tmp_path):
     whole, whole_grads, whole_flags = _after_one_update(tmp_path / "32", 32, 1)
     split, split_grads, split_flags = _after_one_update(tmp_path / "16", 16, 2)
     assert whole_flags == [(0.0, True)] and split_flags == [(0.0, False), (0.0, True)]
-    assert split.lr.item() == pytest.approx(whole.lr.item()) == pytest.approx(5e-4 * 32 / 512)
+    assert split.step.lr.item() == pytest.approx(whole.step.lr.item()) == \
+        pytest.approx(5e-4 * 32 / 512)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-5)
     for a, b in zip(split.model.state_dict().values(), whole.model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    for a, b in zip(split.ema.state_dict().values(), whole.ema.state_dict().values()):
+    for a, b in zip(split.step.ema.state_dict().values(), whole.step.ema.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     split.close()
     whole.close()
@@ -246,7 +248,7 @@ def test_accumulating_micro_batches_skip_the_ddp_all_reduce(tmp_path):
             entered.append(trainer.step_in_epoch)
             yield
 
-    trainer.ddp = Reducer()
+    trainer.step.ddp = Reducer()
     updates = [updated for _, _, updated in run_steps(trainer, loader.batches)]
     trainer.close()
     assert entered == [0, 2] and updates == [False, True, False, True, True]
@@ -294,11 +296,12 @@ def test_steps_run_under_sync_debug_error(tmp_path, graphs):
     try:
         for batch in loader.batches[4:]:
             _, bad = trainer.train_step(batch)
-            trainer.count_bad(bad)
+            if trainer.updated:
+                trainer.bad.count(bad)
             trainer.step_in_epoch += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert trainer.bad_steps.item() == 0
+    assert trainer.bad.total.item() == 0
     trainer.close()
 
 
@@ -313,7 +316,7 @@ def test_cuda_graph_step_equals_eager(tmp_path):
                                f"train.cuda_graphs={graphs}", "optim.warmup_epochs=0",
                                device="cuda")
         losses = [loss for loss, _, _ in run_steps(trainer, loader.batches)]
-        results[graphs] = losses, trainer.model.state_dict(), trainer.ema.state_dict()
+        results[graphs] = losses, trainer.model.state_dict(), trainer.step.ema.state_dict()
         trainer.close()
     (eager, weights, ema), (graphed, graphed_weights, graphed_ema) = results.values()
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-5)
@@ -407,13 +410,13 @@ def test_every_step_runs_the_same_ops_on_the_same_shapes(tmp_path):
     run_steps(trainer, loader.batches[:1])  # the first update creates the optimizer state
     kinds, traces = set(), []
     for batch in loader.batches[1:]:
-        _, box, perm = trainer.mix.draw((0, trainer.step_in_epoch, 0), 32, 32, 8)
+        _, box, perm = trainer.step.mix.draw((0, trainer.step_in_epoch, 0), 32, 32, 8)
         kinds.add("none" if perm is None else "mixup" if box is None else "cutmix")
         with OpTrace() as trace:
             run_steps(trainer, [batch])
         traces.append(trace.ops)
     trainer.close()
-    assert kinds == {"none", "mixup", "cutmix"} and trainer.bad_steps.item() == 1
+    assert kinds == {"none", "mixup", "cutmix"} and trainer.bad.total.item() == 1
     assert all(t == traces[0] for t in traces[1:])
 
 
