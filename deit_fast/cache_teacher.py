@@ -22,7 +22,6 @@ import collections
 import itertools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,8 +123,9 @@ def _describe(cfg: Config, header: dict, world_size: int, device: torch.device) 
             f"{views_backend(cfg, device)}")
 
 
-def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None = None) -> Path:
-    """Write this rank's shards of the cache at distill.cache_dir; returns the folder."""
+def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None = None) -> bool:
+    """Write this rank's shards of the cache at distill.cache_dir; whether the cache is
+    complete (with several ranks, once the last of them is done)."""
     d = cfg.distill
     for key, value in (("distill.teacher", d.teacher), ("distill.cache_dir", d.cache_dir),
                        ("distill.teacher_checkpoint", d.teacher_checkpoint)):
@@ -167,8 +167,7 @@ def cache_teacher(cfg: Config, rank: int | None = None, world_size: int | None =
         pass_.run(view_work(shards, shown, cfg.data.eval_batch_size) if shown is not None
                   else batch_work(cfg, shards, len(index), world_size), shards, bar)
     bar.close()
-    writer.finalize()
-    return Path(d.cache_dir)
+    return writer.finalize()
 
 
 class CachePass:

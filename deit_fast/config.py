@@ -108,7 +108,7 @@ class TrainConfig:
     ema: bool = True
     ema_decay: float = 0.99996
     log_interval: int = 50
-    eval_interval: int = 1  # epochs
+    eval_interval: int = 1  # epochs between evaluations; 0: never (no val/ split needed)
     # steps between last.pt writes inside an epoch (0: epoch ends only); like max_steps and
     # stop_check_interval, it takes effect at the first update end at or after each multiple
     checkpoint_interval: int = 0
@@ -171,7 +171,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "distill.shard_size": (1, True),
     "train.epochs": (1, True),
     "train.log_interval": (1, True),
-    "train.eval_interval": (1, True),
+    "train.eval_interval": (0, True),
     "train.checkpoint_interval": (0, True),
     "train.max_steps": (1, True),
     "train.max_bad_steps": (1, True),

@@ -1,8 +1,10 @@
-"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard events, PNG curves.
+"""Run logging: metrics.jsonl (one JSON object per line), TensorBoard events, PNG curves,
+and the console (`RunLog`: a progress bar and one line per evaluation, from rank 0).
 
 A run that resumes from step S opens the log at S: records of the interrupted run past S
 (logged after its last checkpoint) are dropped from metrics.jsonl, and TensorBoard is told
-to purge its events past S, so no step is ever recorded twice.
+to purge its events past S, so no step is ever recorded twice. Epochs are numbered from 1
+everywhere: in metrics.jsonl, on the console and in the run's summary.
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ import contextlib
 import json
 import math
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
 
 from deit_fast.checkpoint import write_error
 
@@ -107,3 +115,71 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
         raise write_error(err, out_png, "plot") from err
     finally:
         plt.close(fig)
+
+
+class RunLog:
+    """What a run tells, on rank 0 only (elsewhere every call does nothing): a progress bar
+    over the run's steps, metrics.jsonl and TensorBoard, one console line per evaluation,
+    and curves.png (a failed plot warns and training goes on)."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, epochs: int,
+                 progress: bool, main: bool) -> None:
+        self.run_dir, self.epochs, self.main = run_dir, epochs, main
+        self.metrics = MetricsLog(run_dir, start_step=start_step) if main else None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                        disable=not (progress and main), dynamic_ncols=True)
+        self.plotted_step = -1
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def window(self, record: dict[str, Any]) -> None:
+        """A log interval's record (its loss, lr, img/s...)."""
+        if self.metrics:
+            self.metrics.log(record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['img_per_s']:.0f}")
+
+    def evaluation(self, record: dict[str, Any], best: float) -> None:
+        """An evaluation's record, and its line: epoch, top-1, EMA top-1, best so far."""
+        if not self.metrics:
+            return
+        self.metrics.log(record)
+        ema = f" (EMA {record['ema_top1']:.2f}%)" if "ema_top1" in record else ""
+        self.say(f"epoch {record['epoch']}/{self.epochs}: val top-1 {record['top1']:.2f}%"
+                 f"{ema}, best {best:.2f}%")
+
+    def say(self, line: str) -> None:
+        """A line on stderr, above the progress bar."""
+        if self.main:
+            tqdm.write(line, file=sys.stderr)
+
+    def plot(self, step: int) -> None:
+        if self.metrics and self.plotted_step != step:
+            try:
+                plot_curves(self.metrics.path, self.run_dir / "curves.png")
+            except OSError as err:
+                warn_write_failed(err)
+            self.plotted_step = step
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
+
+
+class Window:
+    """The device sums of a log interval: the loss over finite steps and their count, with
+    when it started and the epoch of its last step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, device=device)
+        self.reset()
+
+    def add(self, loss: Tensor, bad: Tensor, epoch: int) -> None:
+        self.sums += torch.stack([torch.where(bad > 0, 0.0, loss), 1.0 - bad])
+        self.steps, self.epoch = self.steps + 1, epoch
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.start, self.steps, self.epoch = time.perf_counter(), 0, 0

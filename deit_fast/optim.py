@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -58,3 +59,13 @@ class CosineSchedule:
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def warn_if_warmup_covers(schedule: CosineSchedule, run_updates: int, warmup_epochs: float,
+                          epochs: int, max_steps: int | None) -> None:
+    """Warn when the warm-up lasts the whole run: the lr would never reach optim.lr."""
+    if schedule.warmup_steps >= run_updates > 0 and warmup_epochs > 0:
+        warnings.warn(f"optim.warmup_epochs={warmup_epochs:g} is as long as the whole run "
+                      f"({run_updates} updates of train.epochs={epochs}, train.max_steps="
+                      f"{max_steps}): the learning rate never reaches optim.lr; lower "
+                      "optim.warmup_epochs", stacklevel=3)

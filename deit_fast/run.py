@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -101,8 +102,9 @@ def warn_view_reuse(cfg: Config) -> None:
 
 
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):
-    """(train index, train loader, val loader, mixup) from the data_pipeline package; with
-    a teacher cache, the train loader's workers attach its top-k to every batch."""
+    """(train index, train loader, val loader or None with train.eval_interval=0, mixup)
+    from the data_pipeline package; with a teacher cache, the train loader's workers attach
+    its top-k to every batch."""
     from deit_fast.data_pipeline import (
         DatasetIndex,
         build_train_loader,
@@ -111,22 +113,23 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
 
     root, d = data_root(cfg), cfg.data
     train_index = DatasetIndex.from_folder(root, split="train")
-    val_index = DatasetIndex.from_folder(root, split="val")
-    if val_index.classes != train_index.classes:
-        raise ValueError(f"{root}: val/ has classes {val_index.classes[:5]}..., train/ has "
-                         f"{train_index.classes[:5]}...; they must match")
+    val_loader = None
+    if cfg.train.eval_interval:  # 0: the run never evaluates, and needs no val/
+        val_index = DatasetIndex.from_folder(root, split="val")
+        if val_index.classes != train_index.classes:
+            raise ValueError(f"{root}: val/ has classes {val_index.classes[:5]}..., train/ "
+                             f"has {train_index.classes[:5]}...; they must match")
+        val_loader = build_val_loader(
+            val_index, image_size=image_size(cfg), crop_pct=d.crop_pct,
+            batch_size=d.eval_batch_size, num_workers=d.num_workers, backend=d.backend,
+            device=device, rank=rank, world_size=world_size, on_bad_image=d.on_bad_image)
     cache = open_teacher_cache(cfg, train_index, device, world_size)
-    size = image_size(cfg)
     train_loader = build_train_loader(
         train_index, params=plan_params(cfg), batch_size=d.batch_size, seed=cfg.train.seed,
         repeats=d.repeats, rank=rank, world_size=world_size, num_workers=d.num_workers,
         backend=d.backend, device=device, on_bad_image=d.on_bad_image,
         num_views=num_views(cfg) if cache and cache.mode == "views" else None,
         teacher_cache=cache)
-    val_loader = build_val_loader(
-        val_index, image_size=size, crop_pct=d.crop_pct, batch_size=d.eval_batch_size,
-        num_workers=d.num_workers, backend=d.backend, device=device, rank=rank,
-        world_size=world_size, on_bad_image=d.on_bad_image)
     mixup = build_mixup(d, len(train_index.classes), cfg.train.seed)
     return train_index, train_loader, val_loader, mixup
 
@@ -189,10 +192,14 @@ def check_resume_config(cfg: Config, state: dict[str, Any], world_size: int, sou
             differing.append(f"global batch (data.batch_size x ranks): {then} in the "
                              f"checkpoint, {cfg.data.batch_size * world_size} now")
     if differing:
+        longer = any(d.startswith("train.epochs:") for d in differing)
         raise ValueError(f"{source} was written by a run with another config: "
                          f"{'; '.join(differing)}. Resume with the checkpoint's settings "
                          "(its config.yaml), or start afresh with another train.output_dir "
-                         "or train.resume=false")
+                         "or train.resume=false" + (
+                             f"; to train its weights further, start a new run from them: "
+                             f"model.init_checkpoint={source} and another train.output_dir "
+                             "(a run's schedule is fixed by its train.epochs)" if longer else ""))
 
 
 def resume_state(cfg: Config, run_dir: Path, world_size: int) -> dict[str, Any] | None:
@@ -241,9 +248,18 @@ def _train(cfg: Config, dist: distributed.Distributed,
     try:
         if state is not None:
             trainer.resume(state)
+            last = run_dir / "checkpoints" / "last.pt"
+            if trainer.epoch >= cfg.train.epochs:
+                if dist.is_main:
+                    print(f"deit-fast train: the run in {run_dir} is complete ({trainer.epoch} "
+                          f"of {cfg.train.epochs} epochs, step {trainer.global_step}): nothing "
+                          "left to train. To train its weights further, start a new run from "
+                          f"them: model.init_checkpoint={last} and another train.output_dir",
+                          file=sys.stderr)
+                return trainer.summary()
             if dist.is_main:
-                print(f"resuming from {run_dir / 'checkpoints' / 'last.pt'} at epoch "
-                      f"{trainer.epoch}, step {trainer.global_step}")
+                print(f"deit-fast train: resuming from {last} at step {trainer.global_step} "
+                      f"(epoch {trainer.epoch + 1} of {cfg.train.epochs})", file=sys.stderr)
         return trainer.fit()
     finally:
         trainer.close()

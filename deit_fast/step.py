@@ -169,8 +169,8 @@ class BadSteps:
     """Counts updates skipped by the non-finite guard, on the device: all of the run, the
     streak now and the longest streak since the last check (read at log intervals)."""
 
-    def __init__(self, device: torch.device, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, device: torch.device, limit: int, checkpoint: str) -> None:
+        self.limit, self.checkpoint = limit, checkpoint
         self.total, self.streak, self.worst = (torch.zeros((), device=device) for _ in range(3))
 
     def count(self, bad: Tensor) -> None:
@@ -178,13 +178,15 @@ class BadSteps:
         self.streak.mul_(bad).add_(bad)  # (streak + 1) on a bad step, 0 on a good one
         torch.maximum(self.worst, self.streak, out=self.worst)
 
-    def check(self, worst: float, step: int, checkpoint: str) -> None:
-        """Stop with BadStepsError once `worst` (the read streak) reaches the limit."""
+    def check(self, step: int, worst: float | None = None) -> None:
+        """Stop with BadStepsError once the longest streak (`worst`, when already read)
+        reaches train.max_bad_steps."""
+        worst = self.worst.item() if worst is None else worst
         if worst >= self.limit:
             raise BadStepsError(
                 f"the loss was NaN or inf for {int(worst)} steps in a row (train.max_bad_steps="
                 f"{self.limit}), last at step {step}; those updates were skipped, and "
-                f"{checkpoint} holds the last checkpoint. Try a lower optim.lr, "
+                f"{self.checkpoint} holds the last checkpoint. Try a lower optim.lr, "
                 "optim.clip_grad, or train.precision=bf16")
         self.worst.zero_()
 

@@ -1,26 +1,21 @@
 """The training loop: where each step is, checkpoints, logs and evaluation around
 step.TrainStep, which computes the steps.
 
-The loop does not synchronise with the host: the loss and the bad-step counters stay on
-the device and are read only at log intervals. Under DDP every rank runs the same loop;
-only rank 0 writes logs, metrics, plots and checkpoints. Checkpoints hold everything
-needed to continue exactly (model, optimizer, scaler, EMA, schedule position, data position
-as a global item count, every rank's RNG, the unreadable files met so far).
-
-A step is one loader batch (a micro-batch); an update is train.accum_steps of them, fewer
-at the end of an epoch, and the lr schedule counts updates. Stops, checkpoints and
-max_steps wait for an update's end. A stop request (SIGTERM, SIGUSR1, Ctrl-C) is honoured
-at the end of the update it arrives in; under torchrun the ranks agree on it every
-train.stop_check_interval steps and at epoch ends. A resumed run's metrics continue from
-the checkpoint's step: later records of the interrupted run are dropped, never repeated.
+Nothing here waits for the device but the log intervals' one read. Under DDP every rank
+runs the same loop; rank 0 alone writes and speaks. Checkpoints hold everything needed to
+continue exactly (weights, optimizer, scaler, EMA, schedule and data positions, every
+rank's RNG, the unreadable files met, the last evaluation). A step is one loader batch;
+an update is train.accum_steps of them (fewer at an epoch's end), and the lr schedule
+counts updates. Stops, checkpoints and max_steps wait for an update's end; under torchrun
+the ranks agree on a stop (SIGTERM, SIGUSR1, Ctrl-C) every train.stop_check_interval
+steps and at epoch ends. A resumed run's metrics continue from its checkpoint's step.
+Epochs are numbered from 1 in all a run writes and says (`self.epoch` counts finished ones).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +23,6 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from deit_fast import checkpoint
 from deit_fast.config import Config, to_dict
@@ -36,8 +30,8 @@ from deit_fast.data_pipeline.mixup import Mixup
 from deit_fast.distributed import Distributed, StopRequest
 from deit_fast.evaluate import evaluate
 from deit_fast.flops import mfu, peak_tflops, train_flops_per_image
-from deit_fast.metrics import MetricsLog, plot_curves, warn_write_failed
-from deit_fast.optim import CosineSchedule, scaled_lr
+from deit_fast.metrics import RunLog, Window
+from deit_fast.optim import CosineSchedule, scaled_lr, warn_if_warmup_covers
 from deit_fast.step import BadSteps, BadStepsError, TrainStep
 from deit_fast.teacher import TeacherTargets
 
@@ -62,45 +56,36 @@ class Trainer:
                  device: torch.device, run_dir: str | Path, fingerprint: str = "",
                  teacher_targets: TeacherTargets | None = None,
                  dist: Distributed | None = None, stop: StopRequest | None = None) -> None:
+        t = cfg.train
         self.cfg, self.device, self.run_dir = cfg, device, Path(run_dir)
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.fingerprint, self.stop = fingerprint, stop
         self.dist = dist or Distributed(device=device)
         self.items_per_step = cfg.data.batch_size * self.dist.world_size
-        self.accum_steps = cfg.train.accum_steps
-        self.updates_per_epoch = math.ceil(train_loader.steps_per_epoch / self.accum_steps)
+        self.accum_steps = t.accum_steps
+        updates = self.updates_per_epoch = math.ceil(train_loader.steps_per_epoch / t.accum_steps)
         self.schedule = CosineSchedule(
-            scaled_lr(cfg.optim, self.items_per_step * self.accum_steps), cfg.optim.min_lr,
-            cfg.optim.warmup_lr, round(cfg.optim.warmup_epochs * self.updates_per_epoch),
-            cfg.train.epochs * self.updates_per_epoch)
-        self._warn_long_warmup()
+            scaled_lr(cfg.optim, self.items_per_step * t.accum_steps), cfg.optim.min_lr,
+            cfg.optim.warmup_lr, round(cfg.optim.warmup_epochs * updates), t.epochs * updates)
+        if self.dist.is_main:
+            planned = min(t.epochs * updates, (t.max_steps or math.inf) // t.accum_steps)
+            warn_if_warmup_covers(self.schedule, planned, cfg.optim.warmup_epochs, t.epochs,
+                                  t.max_steps)
         self.step = TrainStep(cfg, model, mix, criterion, teacher_targets, device,
                               self.dist.active)
-        self.bad = BadSteps(device, cfg.train.max_bad_steps)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.bad = BadSteps(device, t.max_bad_steps, str(self.ckpt_dir / "last.pt"))
         self.last_lr = self.schedule(0)
         self.updated = False  # whether the last train_step ended with an update
         self.epoch, self.step_in_epoch, self.item_in_epoch, self.global_step = 0, 0, 0, 0
         self.update_step = 0  # global_step at the end of the last update
         self.flops_per_image = train_flops_per_image(model)
-        self.peak_tflops = peak_tflops(device, cfg.train.peak_tflops)
+        self.peak_tflops = peak_tflops(device, t.peak_tflops)
         self.best_top1 = -1.0
         self.last_eval: dict[str, float] = {}
         self.stopped = False
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.resumed_bad_files: set[str] = set()  # met before the checkpoint this run resumed
-        self.metrics: MetricsLog | None = None  # opened by fit(), at the step it starts from
-        self.plotted_step = -1
-
-    def _warn_long_warmup(self) -> None:
-        t, warmup = self.cfg.train, self.cfg.optim.warmup_epochs
-        all_updates = t.epochs * self.updates_per_epoch
-        run_updates = min(all_updates, (t.max_steps or all_updates * self.accum_steps)
-                          // self.accum_steps)
-        if self.dist.is_main and self.schedule.warmup_steps >= run_updates > 0 and warmup > 0:
-            warnings.warn(f"optim.warmup_epochs={warmup:g} is as long as the whole run "
-                          f"({run_updates} updates of train.epochs={t.epochs}, "
-                          f"train.max_steps={t.max_steps}): the learning rate never reaches "
-                          "optim.lr; lower optim.warmup_epochs", stacklevel=3)
+        self.log: RunLog | None = None  # opened by fit(), at the step it starts from
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -116,6 +101,7 @@ class Trainer:
             "global_step": self.global_step,
             "world_size": self.dist.world_size,
             "best_top1": self.best_top1,
+            "last_eval": self.last_eval,
             "bad_steps": int(self.bad.total.item()),
             "bad_files": sorted(set().union(*self.dist.gather(self.bad_files()))),
             "rng": self.dist.gather(checkpoint.rng_state()),
@@ -130,6 +116,7 @@ class Trainer:
                              f"{state.get('fingerprint')!r}, this run's {self.fingerprint!r})")
         self.step.load_state_dict(state)
         self.epoch, self.best_top1 = state["epoch"], state["best_top1"]
+        self.last_eval = state.get("last_eval", {})
         # The data position is a global item count, so it survives a change of world size;
         # steps are re-derived in this run's units (a partial step rounds down).
         self.item_in_epoch = state.get("item_in_epoch",
@@ -188,60 +175,49 @@ class Trainer:
         """Train to train.epochs (or train.max_steps, or a stop signal); returns the summary."""
         cfg = self.cfg.train
         steps = self.train_loader.steps_per_epoch
-        bar = tqdm(total=cfg.epochs * steps, initial=self.global_step, desc="train",
-                   disable=not (cfg.progress and self.dist.is_main), unit="step",
-                   dynamic_ncols=True)
-        if self.dist.is_main:
-            self.metrics = MetricsLog(self.run_dir, start_step=self.global_step)
-        running = torch.zeros(2, device=self.device)  # loss sum over finite steps, their count
-        window_start, window_steps = time.perf_counter(), 0
+        self.log = RunLog(self.run_dir, cfg.epochs * steps, self.global_step, cfg.epochs,
+                          cfg.progress, self.dist.is_main)
+        window = Window(self.device)
 
         def finish() -> dict[str, Any]:
             """The last, partial log window and the curves, then the summary."""
-            if window_steps:
-                self.log_window(running, window_steps, time.perf_counter() - window_start, bar)
-            self.plot()
+            if window.steps:
+                self.log_window(window)
+            self.log.plot(self.global_step)
             return self.summary()
 
-        try:
-            while self.epoch < cfg.epochs:
-                self.model.train()
-                for batch in self.train_loader.epoch(self.epoch, self.step_in_epoch,
-                                                     self.item_in_epoch):
-                    loss, bad = self.train_step(batch)
-                    running += torch.stack([torch.where(bad > 0, 0.0, loss), 1.0 - bad])
-                    if self.updated:  # a batch that only accumulated has no update to count
-                        self.bad.count(bad)
-                    self.step_in_epoch += 1
-                    self.item_in_epoch += self.items_per_step
-                    self.global_step += 1
-                    window_steps += 1
-                    bar.update(1)
-                    if self.global_step % cfg.log_interval == 0:
-                        self.log_window(running, window_steps, time.perf_counter() - window_start,
-                                        bar)
-                        running.zero_()
-                        window_start, window_steps = time.perf_counter(), 0
-                    if not self.updated:  # stops, checkpoints and max_steps wait for the
-                        continue  # update's end: a checkpoint holds no accumulated gradients
-                    end_of_epoch = self.step_in_epoch >= steps
-                    since, self.update_step = self.update_step, self.global_step
-                    if self.stop_requested(end_of_epoch or
-                                           self.reached(cfg.stop_check_interval, since)):
-                        self.stop_on_signal()
-                        return finish()
-                    if cfg.max_steps and self.global_step >= cfg.max_steps and not end_of_epoch:
-                        self.save()
-                        return finish()
-                    if cfg.checkpoint_interval and not end_of_epoch and \
-                            self.reached(cfg.checkpoint_interval, since):
-                        self.save()
-                self.end_epoch()
-                if cfg.max_steps and self.global_step >= cfg.max_steps:
-                    break
-            return finish()
-        finally:
-            bar.close()
+        while self.epoch < cfg.epochs:
+            self.model.train()
+            for batch in self.train_loader.epoch(self.epoch, self.step_in_epoch,
+                                                 self.item_in_epoch):
+                loss, bad = self.train_step(batch)
+                window.add(loss, bad, self.epoch)
+                if self.updated:  # a batch that only accumulated has no update to count
+                    self.bad.count(bad)
+                self.step_in_epoch += 1
+                self.item_in_epoch += self.items_per_step
+                self.global_step += 1
+                self.log.advance()
+                if self.global_step % cfg.log_interval == 0:
+                    self.log_window(window)
+                if not self.updated:  # stops, checkpoints and max_steps wait for the
+                    continue  # update's end: a checkpoint holds no accumulated gradients
+                end_of_epoch = self.step_in_epoch >= steps
+                since, self.update_step = self.update_step, self.global_step
+                if self.stop_requested(end_of_epoch or
+                                       self.reached(cfg.stop_check_interval, since)):
+                    self.stop_on_signal()
+                    return finish()
+                if cfg.max_steps and self.global_step >= cfg.max_steps and not end_of_epoch:
+                    self.save()
+                    return finish()
+                if cfg.checkpoint_interval and not end_of_epoch and \
+                        self.reached(cfg.checkpoint_interval, since):
+                    self.save()
+            self.end_epoch()
+            if cfg.max_steps and self.global_step >= cfg.max_steps:
+                break
+        return finish()
 
     def reached(self, interval: int, since: int) -> bool:
         """Whether the steps after `since`, the previous update end, reached a multiple of
@@ -257,62 +233,47 @@ class Trainer:
             return bool(self.stop)
         return self.dist.any_rank(bool(self.stop)) if agree else False
 
-    def check_bad_steps(self, worst: float) -> None:
-        self.bad.check(worst, self.global_step, str(self.ckpt_dir / "last.pt"))
-
-    def log_window(self, running: Tensor, steps: int, elapsed: float, bar: tqdm) -> None:
+    def log_window(self, window: Window) -> None:
+        """The record of the steps since the last one: the one host sync per interval."""
         if self.dist.active:
-            torch_dist.all_reduce(running)
+            torch_dist.all_reduce(window.sums)
         loss_sum, finite, bad_steps, worst = torch.stack(
-            [*running, self.bad.total, self.bad.worst]).tolist()  # the one sync per interval
-        self.check_bad_steps(worst)
-        if not self.dist.is_main:
-            return
-        loss = loss_sum / finite if finite else float("nan")
-        img_per_s = steps * self.items_per_step / elapsed
-        record = {"epoch": self.epoch, "step": self.global_step, "loss": loss,
-                  "lr": self.last_lr, "img_per_s": img_per_s,
-                  "mfu": mfu(self.flops_per_image, img_per_s / self.dist.world_size,
-                             self.peak_tflops),
-                  "bad_images": len(self.bad_files()), "bad_steps": int(bad_steps)}
-        self.metrics.log(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{img_per_s:.0f}")
+            [*window.sums, self.bad.total, self.bad.worst]).tolist()
+        self.bad.check(self.global_step, worst)
+        img_per_s = window.steps * self.items_per_step / (time.perf_counter() - window.start)
+        self.log.window({
+            "epoch": window.epoch + 1, "step": self.global_step,
+            "loss": loss_sum / finite if finite else float("nan"), "lr": self.last_lr,
+            "img_per_s": img_per_s,
+            "mfu": mfu(self.flops_per_image, img_per_s / self.dist.world_size,
+                       self.peak_tflops),
+            "bad_images": len(self.bad_files()), "bad_steps": int(bad_steps)})
+        window.reset()
 
     def stop_on_signal(self) -> None:
-        self.check_bad_steps(self.bad.worst.item())
+        self.bad.check(self.global_step)
         self.save()
         self.stopped = True
-        if self.dist.is_main:
-            print(f"deit-fast train: stopped on request at step {self.global_step}; wrote "
-                  f"{self.ckpt_dir / 'last.pt'}; run the same command to resume",
-                  file=sys.stderr, flush=True)
+        self.log.say(f"deit-fast train: stopped on request at step {self.global_step}; wrote "
+                     f"{self.ckpt_dir / 'last.pt'}; run the same command to resume")
 
     def end_epoch(self) -> None:
-        finished = self.epoch
         self.epoch, self.step_in_epoch, self.item_in_epoch = self.epoch + 1, 0, 0
         is_best = False
-        if self.val_loader is not None and (self.epoch % self.cfg.train.eval_interval == 0
-                                            or self.epoch == self.cfg.train.epochs):
+        interval = self.cfg.train.eval_interval
+        if self.val_loader is not None and interval and (
+                self.epoch % interval == 0 or self.epoch == self.cfg.train.epochs):
             self.last_eval = self.evaluate()
-            if self.metrics:
-                self.metrics.log({"epoch": finished, "step": self.global_step, **self.last_eval})
             top1 = max(self.last_eval["top1"], self.last_eval.get("ema_top1", -1.0))
             is_best = top1 > self.best_top1
             self.best_top1 = max(self.best_top1, top1)
-        self.check_bad_steps(self.bad.worst.item())
+            self.log.evaluation({"epoch": self.epoch, "step": self.global_step,
+                                 **self.last_eval}, self.best_top1)
+        self.bad.check(self.global_step)
         self.save()
         if is_best:
             self.save("best.pt")
-        self.plot()
-
-    def plot(self) -> None:
-        """curves.png from metrics.jsonl (rank 0); a failed write warns and training goes on."""
-        if self.metrics and self.plotted_step != self.global_step:
-            try:
-                plot_curves(self.metrics.path, self.run_dir / "curves.png")
-            except OSError as err:
-                warn_write_failed(err)
-            self.plotted_step = self.global_step
+        self.log.plot(self.global_step)
 
     def evaluate(self) -> dict[str, float]:
         step = self.step
@@ -323,11 +284,15 @@ class Trainer:
         return result
 
     def summary(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "global_step": self.global_step,
-                "best_top1": self.best_top1, "bad_images": len(self.bad_files()),
-                "bad_steps": int(self.bad.total.item()), "stopped": self.stopped,
+        """What the run did: epochs finished (counted from 1, as the logs number them), steps,
+        the last evaluation and the best top-1, unreadable images and skipped updates."""
+        return {"epoch": self.epoch, "epochs": self.cfg.train.epochs,
+                "global_step": self.global_step, "best_top1": self.best_top1,
+                "bad_images": len(self.bad_files()), "bad_steps": int(self.bad.total.item()),
+                "stopped": self.stopped, "complete": self.epoch >= self.cfg.train.epochs,
                 **self.last_eval}
 
     def close(self) -> None:
-        if self.metrics:
-            self.metrics.close()
+        if self.log:
+            self.log.close()
+

@@ -148,7 +148,9 @@ def cached_pairs(folder: Path) -> set[tuple[int, int]]:
 
 
 def test_interrupted_pass_resumes_to_identical_shards(tmp_path, monkeypatch):
-    expected = shard_bytes(cache_teacher(teacher_setup(tmp_path)))
+    cfg = teacher_setup(tmp_path)
+    assert cache_teacher(cfg)  # complete
+    expected = shard_bytes(Path(cfg.distill.cache_dir))
     assert len(expected) == 3 * 3  # 15 samples in shards of 6, 3 views
     cfg = teacher_setup(tmp_path, f"distill.cache_dir={tmp_path / 'resumed'}")
     original, calls = ShardWriter.write, []
@@ -175,7 +177,7 @@ def test_interrupted_pass_resumes_to_identical_shards(tmp_path, monkeypatch):
 
 def test_ranks_split_the_work(tmp_path):
     cfg = teacher_setup(tmp_path)
-    cache_teacher(cfg, rank=1, world_size=2)
+    assert not cache_teacher(cfg, rank=1, world_size=2)  # rank 0's shards are missing
     assert len(shard_bytes(tmp_path / "cache")) == 4
     with pytest.raises(TeacherCacheError, match="incomplete"):
         TeacherCache(tmp_path / "cache")
@@ -218,7 +220,8 @@ def test_the_cache_holds_exactly_what_the_run_reads(tmp_path, num_views):
 
 def test_targets_travel_with_the_batch_and_are_the_teacher_on_its_view(tmp_path):
     cfg = teacher_setup(tmp_path, "train.epochs=4")  # V = 3 < 4 views: views wrap mod 3
-    cache = TeacherCache(cache_teacher(cfg))
+    assert cache_teacher(cfg)
+    cache = TeacherCache(cfg.distill.cache_dir)
     teacher = timm.create_model(TEACHER, num_classes=3)
     teacher.load_state_dict(torch.load(cfg.distill.teacher_checkpoint, weights_only=True))
     teacher.eval()
@@ -269,7 +272,8 @@ def test_a_cache_of_another_decoder_is_refused_unless_allowed(tmp_path):
 def test_dali_cpu_cache_is_the_teacher_on_the_students_dali_views(tmp_path):
     pytest.importorskip("nvidia.dali")
     cfg = teacher_setup(tmp_path, "data.backend=dali", "data.num_workers=1")
-    cache = TeacherCache(cache_teacher(cfg))
+    assert cache_teacher(cfg)
+    cache = TeacherCache(cfg.distill.cache_dir)
     assert cache.manifest["views_backend"] == "dali-cpu"
     teacher = timm.create_model(TEACHER, num_classes=3)
     teacher.load_state_dict(torch.load(cfg.distill.teacher_checkpoint, weights_only=True))

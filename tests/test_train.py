@@ -142,7 +142,7 @@ def test_run_directory_holds_config_metrics_curves_checkpoints(tmp_path):
     train_rows = [r for r in records if "loss" in r]
     eval_rows = [r for r in records if "top1" in r]
     assert train_rows and {"epoch", "step", "loss", "lr", "img_per_s"} <= set(train_rows[0])
-    assert [r["epoch"] for r in eval_rows] == [0, 1]
+    assert [r["epoch"] for r in eval_rows] == [1, 2] == [1, summary["epoch"]]  # from 1
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in eval_rows)
     state = checkpoint.load(out / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and state["model_name"] == "deit_micro_patch4_32"

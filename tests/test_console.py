@@ -1,0 +1,107 @@
+"""What a user sees on the command line: a line per evaluation, warnings on their own lines,
+epochs numbered alike everywhere, a finished run that says so, an interrupted cache pass
+that says how to go on, and a run without a validation split."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import ROOT, overrides, write_tiny_imagefolder
+
+
+def deit_fast(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deit_fast", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("console") / "data"
+    write_tiny_imagefolder(root)
+    return root
+
+
+def run_args(data, out, *extra):
+    """A 2-epoch tiny run (3 steps an epoch), logging every 50 steps: one partial window."""
+    return ["train", *overrides(data, out, "train.epochs=2", "train.log_interval=50",
+                                "train.checkpoint_interval=0", *extra)]
+
+
+def test_a_run_tells_its_story_and_numbers_epochs_from_one(data):
+    out = data.parent / "story"
+    run = deit_fast(*run_args(data, out, "optim.warmup_epochs=5"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stderr.splitlines()
+    evals = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in evals] == ["epoch 1/2", "epoch 2/2"]
+    assert all("val top-1" in line and "(EMA" in line and "best" in line for line in evals)
+    # a warning on its own line, once, without the source line Python would print
+    warned = [line for line in lines if "warmup_epochs=5 is as long as the whole run" in line]
+    assert len(warned) == 1 and warned[0].startswith("deit-fast: warning: ")
+    assert "warnings.warn" not in run.stderr and "UserWarning" not in run.stderr
+    summary = json.loads(run.stdout[run.stdout.index("{"):])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["epoch"] for r in records if "loss" in r} == {2}  # the partial window: epoch 2
+    assert summary["epoch"] == [r["epoch"] for r in records if "top1" in r][-1] == 2
+    assert summary["complete"] is True
+
+
+def test_a_finished_run_says_so_and_how_to_train_it_further(data):
+    out = data.parent / "finished"
+    assert deit_fast(*run_args(data, out)).returncode == 0
+    again = deit_fast(*run_args(data, out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"the run in {out} is complete (2 of 2 epochs, step 6)" in again.stderr
+    assert "model.init_checkpoint=" in again.stderr and "resuming" not in again.stderr
+    assert json.loads(again.stdout[again.stdout.index("{"):])["top1"] >= 0  # its last eval
+    longer = deit_fast(*run_args(data, out, "train.epochs=3"))
+    assert longer.returncode == 2
+    assert "train.epochs: 2 in the checkpoint, 3 now" in longer.stderr
+    assert f"model.init_checkpoint={out / 'checkpoints' / 'last.pt'}" in longer.stderr
+
+
+def test_a_run_without_a_validation_split(data):
+    no_val = data.parent / "no_val"
+    shutil.copytree(data / "train", no_val / "train")
+    run = deit_fast(*run_args(no_val, data.parent / "no_val_run", "train.eval_interval=0"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout[run.stdout.index("{"):])
+    assert summary["epoch"] == 2 and "top1" not in summary
+    refused = deit_fast(*run_args(no_val, data.parent / "no_val_refused"))
+    assert refused.returncode == 2 and "val" in refused.stderr
+
+
+def test_an_interrupted_cache_pass_says_how_to_go_on(data, tmp_path):
+    """Ctrl-C during `cache-teacher`: exit 130, and the line says the shards written are kept
+    and the same command finishes the cache."""
+    import timm
+    import torch
+
+    torch.save(timm.create_model("test_efficientnet", num_classes=3).state_dict(),
+               tmp_path / "teacher.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([
+        sys.executable, "-m", "deit_fast", "cache-teacher", f"data.path={data}",
+        "model.name=deit_micro_distilled_patch4_32", "data.num_workers=0", "data.batch_size=2",
+        "train.epochs=200", "distill.shard_size=6", "distill.topk=3",
+        "distill.teacher=test_efficientnet",
+        f"distill.teacher_checkpoint={tmp_path / 'teacher.pt'}",
+        f"distill.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not list((tmp_path / "cache").glob("*.bin")) and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert ("deit-fast cache-teacher: interrupted; the shards already written are kept: run "
+            "the same command again to finish the cache") in stderr
