@@ -1,7 +1,7 @@
 """deit-fast: fast, trustworthy training of DeiT vision transformers.
 
 The repository keeps the kernels, the data pipeline and the recipes in top-level folders
-(kernels/, data_pipeline/, configs/); they import as deit_fast.kernels,
+(kernels/, data_pipeline/, configs/ beside this one); they import as deit_fast.kernels,
 deit_fast.data_pipeline and deit_fast.configs both from a wheel, which installs them inside
 this package, and from a checkout, where this package's path also covers the folders beside
 it. No top-level `kernels` or `data_pipeline` is installed.
@@ -16,3 +16,7 @@ if not (_HERE / "kernels").is_dir() and (_HERE.parent / "kernels" / "__init__.py
     __path__.append(str(_HERE.parent))  # a checkout: the sibling folders are subpackages
 
 CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
+# The source checkout this package runs from, which holds benchmarks/ and its results; None
+# for an installed wheel (benchmarks ship with the source only).
+REPOSITORY = _HERE.parent if (_HERE.parent / "setup.py").is_file() and \
+    (_HERE.parent / "benchmarks" / "step.py").is_file() else None

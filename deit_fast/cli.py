@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
+import warnings
+
+from tqdm import tqdm
 
 from deit_fast.config import ConfigError, load_config
 
@@ -37,9 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small DeiT on scikit-learn's digits, on the CPU")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--ablation", action="store_true",
-                   help="the distillation ablation instead (3 seeds x 4 recipes, ~20 min)")
-    p.add_argument("--table", default="benchmarks/results/distill_ablation.md",
-                   help="where --ablation writes its markdown table")
+                   help="the distillation ablation instead (5 seeds x 7 rows, ~45 min on one "
+                        "CPU thread; resumable)")
+    p.add_argument("--select", action="store_true",
+                   help="with --ablation: choose the soft tau on held-out training digits")
+    p.add_argument("--table", help="where --ablation writes its markdown table (default: "
+                   "benchmarks/results/distill_{ablation,selection}.md in a checkout)")
     p.add_argument("overrides", nargs="*", help="dotted overrides on the demo recipe")
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -54,12 +60,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_benchmark(name: str, args: list[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[name]
-    if not script.is_file():
-        print(f"deit-fast bench {name}: {script} is missing; benchmarks ship with a source "
-              "checkout (pip install -e .)", file=sys.stderr)
+    from deit_fast import REPOSITORY
+
+    if REPOSITORY is None:
+        print(f"deit-fast bench {name}: the benchmarks ship with the source, not the wheel: "
+              "run it from a checkout of deit-fast (git clone, then pip install -e .), where "
+              f"it is benchmarks/{BENCHMARKS[name]}", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, str(script), *args])
+    return subprocess.call([sys.executable, str(REPOSITORY / "benchmarks" / BENCHMARKS[name]),
+                            *args])
 
 
 def _check_data(root: str, full_decode: bool) -> int:
@@ -77,22 +86,28 @@ def _check_data(root: str, full_decode: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _console_warnings()
     try:
         if args.command == "bench":
             return _run_benchmark(args.name, args.args)
         if args.command == "data":
             return _check_data(args.data_path, args.full_decode)
         if args.command == "demo" and args.ablation:
+            from deit_fast import REPOSITORY
             from deit_fast.ablation import run_ablation
 
-            summary = run_ablation(args.output_dir, args.overrides, table=args.table)
+            table = args.table or (REPOSITORY and REPOSITORY / "benchmarks" / "results" / (
+                "distill_selection.md" if args.select else "distill_ablation.md"))
+            summary = run_ablation(args.output_dir, args.overrides, table=table,
+                                   select=args.select)
             print(json.dumps(summary, indent=2))
             return 0
         if args.command == "demo":
-            from deit_fast.demo import run_demo
+            from deit_fast.demo import describe, run_demo
 
             summary = run_demo(args.output_dir, args.overrides)
             print(json.dumps(summary, indent=2))
+            print(describe(summary), file=sys.stderr)
             return 0
         if args.command == "eval":
             from deit_fast.run import evaluate_checkpoint
@@ -111,15 +126,41 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from deit_fast.cache_teacher import cache_teacher
 
-            print(f"teacher cache written to {cache_teacher(cfg)}")
+            where = cfg.distill.cache_dir
+            print(f"teacher cache complete: {where}" if cache_teacher(cfg) else
+                  f"this rank's shards of the teacher cache are written to {where}; the cache "
+                  "is complete once every rank's are")
         return 0
     except (ConfigError, OSError, ValueError, RuntimeError) as err:
         print(f"deit-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint
-        print(f"deit-fast {args.command}: interrupted; a run resumes from its last checkpoint "
-              "when the same command is run again", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C (train): stopped at once, no checkpoint
+        kept = RESUMES.get(args.command, "nothing was kept")
+        print(f"deit-fast {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
+
+
+# What an interrupted command keeps, and how it goes on.
+RESUMES = {
+    "train": "a run resumes from its last checkpoint when the same command is run again",
+    "cache-teacher": "the shards already written are kept: run the same command again to "
+                     "finish the cache",
+    "demo": "run the same command again (the demo starts afresh; --ablation resumes, "
+            "skipping the runs it finished)",
+}
+
+
+def _console_warnings() -> None:
+    """Warnings on a line of their own, above any progress bar, without a source line; under
+    torchrun from rank 0 alone (the other ranks meet the same ones)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        warnings.simplefilter("ignore")
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        tqdm.write(f"deit-fast: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":

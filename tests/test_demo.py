@@ -1,14 +1,16 @@
+"""The demo and its ablation, wired end to end on one epoch (the real runs take minutes)."""
+
 import json
 
 import pytest
-import timm
 import torch
 
-from deit_fast.ablation import ROWS, run_ablation
+from deit_fast.ablation import HEADS, ROWS, run_ablation
 from deit_fast.config import load_config
-from deit_fast.demo import DEMO_RECIPE, TEACHER, demo_config, run_demo
+from deit_fast.demo import DEMO_RECIPE, DISTILLED_ROW, demo_config, run_demo
 
 STAGES = ("data", "student_train", "teacher_train", "teacher_cache", "distilled_train")
+ONE_EPOCH = ("train.epochs=1", "data.batch_size=128", "train.progress=false")
 
 
 @pytest.fixture
@@ -27,45 +29,46 @@ def test_the_demo_recipe_is_configs_demo_yaml(tmp_path):
     assert cfg == recipe and cfg.model.name == "deit_micro_patch4_32"
 
 
-def test_demo_with_teacher_writes_its_summary(tmp_path, one_thread):
-    summary = run_demo(tmp_path, ["train.epochs=1", "data.batch_size=128",
-                                  "train.progress=false"], teacher_epochs=1)
+def test_demo_writes_its_summary_and_distils_from_the_batches_cache(tmp_path, one_thread):
+    summary = run_demo(tmp_path, ONE_EPOCH, teacher_overrides=["train.epochs=1"])
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written == summary
     assert written["distilled_gap_points"] == pytest.approx(
         written["distilled_top1"] - written["student_top1"], abs=0.01)
+    assert (written["train_images"], written["teacher_train_images"]) == (400, 1438)
     for stage in STAGES:
         assert written[f"{stage}_seconds"] >= 0, stage
     assert written["total_seconds"] >= written["distilled_train_seconds"]
+    # the committed ablation's interval for the demo's row rides along
+    assert written["ablation"]["row"] == DISTILLED_ROW
+    assert len(written["ablation"]["paired_ci95"]) == 2
     manifest = json.loads((tmp_path / "teacher_cache" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["num_views"] == 1 and manifest["topk"] == 10
-    assert manifest["forwards"] == written["train_images"]  # 1 epoch: one view per image
-    # the teacher trained through the Trainer: its metrics, and weights that load into it
+    assert manifest["complete"] and manifest["cache_mode"] == "batches"
+    assert manifest["topk"] == 10 and manifest["forwards"] == 3 * 128  # 1 epoch, 3 batches
+    # the teacher trained through `deit-fast train` (model.name=test_resnet): its metrics
     teacher_log = [json.loads(line) for line in
                    (tmp_path / "teacher_run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in teacher_log if "top1" in r]  # the last record is the last loss window
+    evals = [r for r in teacher_log if "top1" in r]
     assert evals[-1]["top1"] == pytest.approx(written["teacher_top1"])
-    timm.create_model(TEACHER, num_classes=10).load_state_dict(
-        torch.load(tmp_path / "teacher.pt", weights_only=True))
 
 
-def test_ablation_wiring_on_one_seed_and_epoch(tmp_path, one_thread):
-    summary = run_ablation(tmp_path, ["train.progress=false"], seeds=(0,), per_class=8,
-                           epochs=1, teacher_epochs=1, table=tmp_path / "table.md")
+def test_ablation_wiring_on_one_epoch_and_two_seeds(tmp_path, one_thread):
+    summary = run_ablation(tmp_path, ONE_EPOCH, seeds=(0, 1), table=tmp_path / "table.md",
+                           teacher_overrides=("train.epochs=1",))
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert json.loads((tmp_path / "table.json").read_text()) == summary
-    assert summary["train_images"] == 80 and summary["seeds"] == [0]
-    names = [r["row"] for r in summary["rows"]]
-    assert names[:3] == [name for name, *_ in ROWS[:3]]
-    assert names[3:] == [f"{ROWS[3][0]}, {head} head" for head in ("class", "distillation",
-                                                                    "joint")]
-    for row in summary["rows"]:
-        assert len(row["top1_per_seed"]) == 1 and row["top1_std"] == 0.0
-    # the joint head is the model's own evaluation output, as the Trainer measured it
-    log = [json.loads(line) for line in
-           (tmp_path / "row3_seed0" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in log if "top1" in r]
-    assert summary["rows"][-1]["top1_mean"] == pytest.approx(evals[-1]["top1"], abs=0.01)
+    assert summary["train_images"] == 400 and summary["seeds"] == [0, 1]
+    assert [(r["row"], r["head"]) for r in summary["rows"]] == [
+        (row.name, head) for row in ROWS for head in row.heads]
+    plain = summary["rows"][0]
+    for row in summary["rows"][1:]:  # paired with the plain student, seed by seed
+        diffs = [a - b for a, b in zip(row["top1_per_seed"], plain["top1_per_seed"])]
+        assert row["paired_mean"] == pytest.approx(sum(diffs) / 2, abs=0.011)
+        low, high = row["paired_ci95"]
+        assert low <= row["paired_mean"] <= high
+    assert {r["head"] for r in summary["rows"]} == set(HEADS)
     table = (tmp_path / "table.md").read_text()
-    assert all(name in table for name in names)
-    assert "8 training images per digit (80 in all)" in table
+    assert all(row.name in table for row in ROWS)
+    # a rerun reuses every finished run: nothing is trained again
+    again = run_ablation(tmp_path, ONE_EPOCH, seeds=(0, 1), table=None)
+    assert again["rows"] == summary["rows"] and again["total_seconds"] < 20
