@@ -108,13 +108,14 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
         build_train_loader,
         build_val_loader,
     )
+    from deit_fast.data_pipeline.dataset import split_classes_differ
 
     root, d = data_root(cfg), cfg.data
     train_index = DatasetIndex.from_folder(root, split="train")
     val_index = DatasetIndex.from_folder(root, split="val")
-    if val_index.classes != train_index.classes:
-        raise ValueError(f"{root}: val/ has classes {val_index.classes[:5]}..., train/ has "
-                         f"{train_index.classes[:5]}...; they must match")
+    differ = split_classes_differ(str(root), train_index.classes, val_index.classes)
+    if differ:
+        raise ValueError(differ)
     cache = open_teacher_cache(cfg, train_index, device, world_size)
     size = image_size(cfg)
     train_loader = build_train_loader(
