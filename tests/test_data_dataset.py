@@ -148,7 +148,7 @@ def test_check_dataset_lists_bad_files_and_empty_folders(tmp_path, full_decode):
     readable = _write_bad_inputs(tmp_path / "train" / "mixed")
     (tmp_path / "train" / "hollow").mkdir()
     (tmp_path / "train" / "mixed" / "labels.csv").write_text("x")
-    problems = dict(check_dataset(str(tmp_path), full_decode=full_decode))
+    problems = dict(check_dataset(str(tmp_path / "train"), full_decode=full_decode).problems)
     folder = tmp_path / "train" / "mixed"
     expected = {str(folder / f"{n}.jpg") for n in ("truncated", "corrupt", "text", "empty")}
     expected |= {str(tmp_path / "train" / "hollow"), str(folder / "labels.csv")}
