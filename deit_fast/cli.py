@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="list the files a training run would skip and the "
                                           "problems that stop it")
-    p.add_argument("--data-path", required=True, help="dataset root (train/ and val/) or a split")
+    p.add_argument("--data-path", required=True,
+                   help="dataset root (train/ and val/), or one split folder named train or val")
     p.add_argument("--full-decode", action="store_true", help="decode every image (slow, exact)")
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (arguments pass through)")
     p.add_argument("name", choices=BENCHMARKS)
@@ -72,16 +73,17 @@ def _run_benchmark(name: str, args: list[str]) -> int:
 
 
 def _check_data(root: str, full_decode: bool) -> int:
-    from deit_fast.data_pipeline import check_dataset
-    from deit_fast.data_pipeline.check import STOPS_TRAINING
+    from deit_fast.data_pipeline.check import check_dataset, split_summary
 
-    problems = check_dataset(root, full_decode=full_decode)
-    for path, reason in problems:
+    report = check_dataset(root, full_decode=full_decode)
+    for top, counts in report.splits.items():  # stderr: stdout lists only the problems
+        print("\n".join(split_summary(top, counts)), file=sys.stderr)
+    for path, reason in report.problems:
         print(f"{path}\t{reason}")
-    stopping = sum(reason.startswith(STOPS_TRAINING) for _, reason in problems)
-    print(f"{len(problems)} problem(s) found under {root}: training would stop on "
-          f"{stopping} and skip {len(problems) - stopping} file(s)", file=sys.stderr)
-    return 1 if problems else 0
+    print(f"{len(report.problems)} problem(s) found under {root}: training would stop on "
+          f"{report.stopping} and skip {len(report.problems) - report.stopping} file(s)",
+          file=sys.stderr)
+    return 1 if report.problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:

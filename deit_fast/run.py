@@ -110,15 +110,16 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
         build_train_loader,
         build_val_loader,
     )
+    from deit_fast.data_pipeline.dataset import split_classes_differ
 
     root, d = data_root(cfg), cfg.data
     train_index = DatasetIndex.from_folder(root, split="train")
     val_loader = None
     if cfg.train.eval_interval:  # 0: the run never evaluates, and needs no val/
         val_index = DatasetIndex.from_folder(root, split="val")
-        if val_index.classes != train_index.classes:
-            raise ValueError(f"{root}: val/ has classes {val_index.classes[:5]}..., train/ "
-                             f"has {train_index.classes[:5]}...; they must match")
+        differ = split_classes_differ(str(root), train_index.classes, val_index.classes)
+        if differ:
+            raise ValueError(differ)
         val_loader = build_val_loader(
             val_index, image_size=image_size(cfg), crop_pct=d.crop_pct,
             batch_size=d.eval_batch_size, num_workers=d.num_workers, backend=d.backend,

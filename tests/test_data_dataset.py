@@ -1,5 +1,6 @@
 """Dataset index, fingerprint, and `check_dataset` on every kind of bad input."""
 
+import hashlib
 import io
 import os
 import shutil
@@ -7,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
 from deit_fast.data_pipeline import BadImageError, DatasetIndex, check_dataset
-from deit_fast.data_pipeline.dataset import jpeg_size, probe_image
+from deit_fast.data_pipeline.dataset import class_difference, jpeg_size, probe_image
 
 
 def _jpeg(path, size=(40, 30), mode="RGB", seed=0):
@@ -48,9 +50,79 @@ def test_missing_and_empty_inputs_name_the_path(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(ValueError, match=f"no class folders in {tmp_path}/train"):
         DatasetIndex.from_folder(str(tmp_path), "train")
-    (tmp_path / "train" / "empty").mkdir()
-    with pytest.raises(ValueError, match=f"class folder has no images: {tmp_path}/train/empty"):
+    (tmp_path / "train" / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "train" / "empty" / "sub" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError) as err:
         DatasetIndex.from_folder(str(tmp_path), "train")
+    assert str(err.value) == (
+        f"class folder has no images: {tmp_path}/train/empty (no file in it or its subfolders "
+        "ends in .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, in any case); add "
+        "images or remove the folder")
+
+
+def _write(path, size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)  # the index reads names and sizes only
+
+
+def test_flat_tree_keeps_its_order_and_fingerprint(tmp_path):
+    tree = {"b": ["10.jpg", "2.jpg", "a.JPEG"], "A": ["x.png", "y.webp", "notes.txt"],
+            "c": ["z.tif"]}
+    for k, (name, files) in enumerate(tree.items()):
+        for i, file in enumerate(files):
+            _write(tmp_path / "train" / name / file, 10 * k + i + 1)
+    index = DatasetIndex.from_folder(str(tmp_path), "train")
+    top = str(tmp_path / "train")
+    listing = [(os.path.join(top, c, f), label) for label, c in enumerate(sorted(os.listdir(top)))
+               for f in sorted(os.listdir(os.path.join(top, c))) if not f.endswith(".txt")]
+    assert list(zip(index.paths, index.labels.tolist())) == listing
+    rows = sorted(f"{os.path.relpath(p, top)}\t{os.path.getsize(p)}\t{label}\n"
+                  for p, label in listing)
+    assert index.fingerprint == hashlib.sha256("".join(rows).encode()).hexdigest()
+    # the fingerprint this tree had when the index listed class folders without recursion
+    assert index.fingerprint == "3e941d6187be480b6d8978c68898f3b07fe79b2141735b20836efb412c8d989f"
+
+
+def test_nested_images_are_the_ones_imagefolder_finds(tmp_path):
+    train, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
+    for path in ("a/1.jpg", "a/notes.txt", "a/sub/2.JPG", "a/sub/deeper/3.png",
+                 "a/sub/deeper/readme.md", "a/sub/y.jpg.bak", "b/x.jpeg", "b/a/0.jpg", "b/a.jpg",
+                 "b/a b/9.ppm", "c/only/nested/6.bmp", "list.txt"):
+        _write(train / path, 5)
+    for path in ("4.jpg", "nested/5.webp", "nested/skip.csv"):
+        _write(elsewhere / path, 7)
+    (train / "b" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (train / "d").symlink_to(train / "a" / "sub", target_is_directory=True)
+    index = DatasetIndex.from_folder(str(tmp_path), "train")
+    folder = ImageFolder(str(train))
+    assert index.classes == folder.classes == ["a", "b", "c", "d"]
+    assert set(zip(index.paths, index.labels.tolist())) == set(folder.samples)
+    assert len(index) == len(folder.samples) == 12
+    assert index.paths == sorted(index.paths)  # classes in order, files by path within each
+    assert str(train / "b" / "linked" / "nested" / "5.webp") in index.paths
+
+
+@pytest.mark.parametrize("links", [{"a/up": ".."}, {"a/x/l1": "../y", "a/y/l2": "../x"}])
+def test_folder_link_loop_names_the_link(tmp_path, links):
+    _write(tmp_path / "train" / "a" / "1.jpg", 5)
+    for link, target in links.items():
+        (tmp_path / "train" / link).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / link).symlink_to(target, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"folder link loop: .*/train/a/(up|x/l1/l2|y/l2/l1)"):
+        DatasetIndex.from_folder(str(tmp_path), "train")
+
+
+def test_class_difference_names_missing_and_extra_classes():
+    assert class_difference(["a", "b"], ["a", "b"]) is None
+    assert class_difference(["astronaut", "b"], ["b", "zastronaut"]) == (
+        "in train/, missing from val/: 'astronaut'; extra in val/, not in train/: 'zastronaut'")
+    names = [f"n{i}" for i in range(8)]
+    assert class_difference(names, names[:1], expected_name="the checkpoint") == (
+        "in the checkpoint, missing from val/: 'n1', 'n2', 'n3', 'n4', 'n5' and 2 more")
+    assert class_difference(["a", "b"], ["b", "a"]) == (
+        "the same names with other labels: label 0 is 'a' in train/, 'b' in val/")
+    assert class_difference(["a"], ["a", "a"]) == (
+        "the same names with other labels: label 1 is no class in train/, 'a' in val/")
 
 
 def _write_bad_inputs(folder):
@@ -76,7 +148,7 @@ def test_check_dataset_lists_bad_files_and_empty_folders(tmp_path, full_decode):
     readable = _write_bad_inputs(tmp_path / "train" / "mixed")
     (tmp_path / "train" / "hollow").mkdir()
     (tmp_path / "train" / "mixed" / "labels.csv").write_text("x")
-    problems = dict(check_dataset(str(tmp_path), full_decode=full_decode))
+    problems = dict(check_dataset(str(tmp_path / "train"), full_decode=full_decode).problems)
     folder = tmp_path / "train" / "mixed"
     expected = {str(folder / f"{n}.jpg") for n in ("truncated", "corrupt", "text", "empty")}
     expected |= {str(tmp_path / "train" / "hollow"), str(folder / "labels.csv")}

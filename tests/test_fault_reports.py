@@ -7,6 +7,7 @@ architecture, eval against training's own evaluation, and the counting and loggi
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import warnings
@@ -245,6 +246,8 @@ def test_data_check_and_training_agree_on_an_empty_class_folder(tmp_path, capsys
     data = tmp_path / "data"
     write_tiny_imagefolder(data)
     (data / "train" / "class_9").mkdir()
+    (data / "val" / "class_9").mkdir()  # the same classes in both splits: one stop, not two
+    shutil.copy(data / "val" / "class_0" / "0.jpg", data / "val" / "class_9")
     assert main(["data", "check", "--data-path", str(data)]) == 1
     captured = capsys.readouterr()
     assert f"{data / 'train' / 'class_9'}\tstops training: class folder has no images" in \

@@ -1,0 +1,92 @@
+"""`deit-fast data check` on the command line: it finds what training finds, and words what
+stops training as `deit-fast train` does."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from tests.helpers import write_tiny_imagefolder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _deit_fast(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deit_fast", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _check(data) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """The run and its problems, {path: reason}."""
+    run = _deit_fast("data", "check", "--data-path", str(data))
+    return run, dict(line.split("\t") for line in run.stdout.splitlines())
+
+
+def _train_error(data, out) -> str:
+    """The error line of a tiny training run on data, which must stop before training."""
+    run = _deit_fast("train", "model.name=deit_micro_patch4_32", f"data.path={data}",
+                     "train.epochs=1", "data.num_workers=0", "data.batch_size=4",
+                     "train.device=cpu", "train.precision=fp32", "train.progress=false",
+                     f"train.output_dir={out}")
+    assert run.returncode == 2, run.stderr
+    return run.stderr.strip().splitlines()[-1]
+
+
+def test_nested_images_are_checked_and_counted(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data, per_class=6)
+    folder = data / "train" / "class_0"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    shutil.move(folder / "0.jpg", folder / "sub" / "0.jpg")
+    shutil.move(folder / "1.jpg", folder / "sub" / "deeper" / "1.jpg")
+    (folder / "sub" / "deeper" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "sub" / "notes.txt").write_text("not an image")
+    run, problems = _check(data)
+    assert run.returncode == 1
+    assert set(problems) == {str(folder / "sub" / "deeper" / "broken.jpg"),
+                             str(folder / "sub" / "notes.txt")}
+    assert problems[str(folder / "sub" / "notes.txt")] == "not an image file (extension)"
+    assert f"{data / 'train'}: 3 classes, 19 images\n  class_0: 7 images\n" in run.stderr
+    assert f"{data / 'val'}: 3 classes, 12 images\n" in run.stderr
+    assert f"2 problem(s) found under {data}: training would stop on 0 and skip 2" in run.stderr
+
+
+def test_a_missing_val_folder_stops_training(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data)
+    shutil.rmtree(data / "val")
+    run, problems = _check(data)
+    assert run.returncode == 1
+    reason = problems[str(data / "val")]
+    prefix = "stops training unless train.eval_interval=0: "
+    assert reason == f"{prefix}dataset split folder not found: {data / 'val'} (expected " \
+        f"{data / 'val'}/<class>/<image>)"
+    assert "training would stop on 1 and skip 0" in run.stderr
+    assert reason.removeprefix(prefix) in _train_error(data, tmp_path / "run")
+
+
+def test_classes_that_differ_are_worded_as_training_words_them(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data)
+    (data / "val" / "class_2").rename(data / "val" / "class_9")
+    run, problems = _check(data)
+    assert run.returncode == 1 and "training would stop on 1 and skip 0" in run.stderr
+    reason = problems[str(data / "val")].removeprefix("stops training: ")
+    assert "in train/, missing from val/: 'class_2'; extra in val/, not in train/: " \
+        "'class_9'" in reason
+    assert _train_error(data, tmp_path / "run") == f"deit-fast train: error: {reason}"
+
+
+def test_an_empty_class_folder_is_a_sentence_naming_it(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data)
+    (data / "train" / "class_3" / "sub").mkdir(parents=True)
+    (data / "val" / "class_3").mkdir()
+    shutil.copy(data / "val" / "class_0" / "0.jpg", data / "val" / "class_3")
+    run, problems = _check(data)
+    assert run.returncode == 1 and "training would stop on 1 and skip 0" in run.stderr
+    reason = problems[str(data / "train" / "class_3")].removeprefix("stops training: ")
+    assert reason.startswith(f"class folder has no images: {data / 'train' / 'class_3'} (")
+    assert ".jpg, .jpeg, .png" in reason and "('" not in reason
+    assert _train_error(data, tmp_path / "run") == f"deit-fast train: error: {reason}"
