@@ -31,8 +31,10 @@ same GPU, read from the committed table (scripts/gpu_check.sh runs it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -148,7 +150,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     head = ("| model | setting | GB/step | matmul TFLOP/step | H100 ms | H100 img/s | H200 ms "
-            "| H200 img/s | H200 at 790: ms | img/s |")
+            "| H200 img/s | H200@790 ms | H200@790 img/s |")
     lines = [
         "# One training step: its bytes and FLOPs, and the time bound they set",
         "",
@@ -229,6 +231,14 @@ def compare(step_csv: Path, bounds_csv: Path) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS),
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         print(compare(args.compare, args.bounds))
         return 0
-    meta = run_meta(f"CPU ({platform.processor() or platform.machine()})", "traffic.py", argv)
+    meta = run_meta(f"{_cpu_name()}, {os.cpu_count()} cores", "traffic.py", argv)
     meta["commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=_HERE,
                                     capture_output=True, text=True).stdout.strip() or "unknown"
     rows, ops_rows = count_all(args.models, args.settings, args.batch)

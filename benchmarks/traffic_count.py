@@ -198,6 +198,9 @@ class TrafficCounter(TorchDispatchMode):
         mutated = [t for arg, value in zip(schema.arguments, values)
                    if arg.alias_info is not None and arg.alias_info.is_write
                    for t in tree_leaves(value) if isinstance(t, Tensor)]
+        if packet is aten._fused_adamw_ and kwargs.get("grad_scale") is None:
+            # its kernel writes the gradients back only when it unscales them
+            mutated = [t for t in mutated if all(t is not g for g in args[1])]
         outs = out if len(schema.returns) > 1 else [out]
         fresh = [t for ret, value in zip(schema.returns, outs) if ret.alias_info is None
                  for t in tree_leaves(value) if isinstance(t, Tensor)]

@@ -128,6 +128,23 @@ def test_triton_moves_fewer_bytes_than_torch_on_deit_s(deit_s_steps):
     assert not any(o.family == "other" for o in triton_ops + torch_ops)
 
 
+def test_the_update_reads_and_writes_each_parameter_by_hand(deit_s_steps):
+    """Fused AdamW reads param, grad and both moments (fp32) and writes back all but the
+    grad; the EMA reads its copy and the param and writes its copy; the guard reads every
+    grad and writes it back (its kernel multiplies by 1)."""
+    with torch.device("meta"):
+        params = list(create_model(traffic.MODELS["small"]).parameters())
+    n, tensors = sum(p.numel() for p in params), len(params)
+
+    def charged(op: str) -> int:
+        return sum(o.read + o.written for o in deit_s_steps["triton"] if o.op == op)
+
+    # plus a step count per tensor, and each of the two groups' lr and found_inf
+    assert charged("aten._fused_adamw_.tensor_lr") == 28 * n + 4 * tensors + 2 * 8
+    assert charged("aten._foreach_lerp_.List") == 12 * n + 4  # one weight, passed per tensor
+    assert charged("aten._amp_foreach_non_finite_check_and_unscale_.default") == 8 * n + 12
+
+
 def test_script_writes_the_tables_and_compares_a_step_run(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--models", "tiny", "--settings",
                            "torch,triton", "--batch", "2", "--out", str(tmp_path)],
