@@ -98,6 +98,11 @@ def test_step_smoke_writes_every_row(dry_run: tuple[Path, str]) -> None:
     assert rows["timm eager"]["speedup_vs_timm_eager"] == "1.0"
     assert rows["ours torch"]["sdpa_backend"] == "default"
     assert rows["ours sdpa flash"]["kernels"] == rows["ours torch"]["kernels"]
+    # the img/s beside the committed traffic table's bounds: none on a CPU
+    compared = (out / "step_vs_bound.txt").read_text().splitlines()
+    assert compared[0].startswith("bounds: ") and len(compared) == 2 + len(rows)
+    assert compared[2].split() == ["DeiT-Ti", "ours", "triton", "2",
+                                   rows["ours triton"]["img_per_s"]]
     meta = json.loads((out / "step_smoke.json").read_text())
     assert {"device", "torch", "triton", "timm", "date", "command", "peak_matmul_tflops",
             "train_flops_per_image"} <= meta.keys()
