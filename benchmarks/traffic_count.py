@@ -64,7 +64,8 @@ from deit_fast.models.deit import Attention, Block, DeiT, LayerNorm, Mlp  # noqa
 from deit_fast.ops import KernelChoice  # noqa: E402
 
 aten = torch.ops.aten
-# The innermost module -> the family of its ops; matmuls, casts and the update by op.
+# The innermost module -> the family of its ops; matmuls, casts and the update by op. A
+# Linear's only other ops are its bias gradient's sums.
 MODULE_FAMILIES = ((Attention, "attention"), (LayerNorm, "layernorm"), (Mlp, "gelu"),
                    (nn.Linear, "bias grads"), (nn.Conv2d, "bias grads"), (Block, "drop path"),
                    (DeiT, "embed & head"))
