@@ -5,7 +5,9 @@ forward, soft-target cross-entropy and the --distill loss, backward, the non-fin
 on the gradients, fused AdamW with the DeiT parameter groups, EMA), on a batch already on
 the GPU, at 224 px and batch 256 per GPU; timm's model goes through the same Trainer.
 Rows, all in one run, for each of DeiT-Ti/S/B: ours with every Triton op, with torch/SDPA
-only, with each Triton op alone, ours (all Triton) with train.compile=default, timm's same
+only (torch's default SDPA backend, then each of cuDNN, flash and memory-efficient forced
+with torch.nn.attention.sdpa_kernel: a backend that cannot run fails its own row), with
+each Triton op alone, ours (all Triton) with train.compile=default, timm's same
 model eager (fused_attn on, timm's default) and timm compiled; with --cuda-graphs also ours
 (all Triton) with train.cuda_graphs. Columns: img/s (median of the timed steps after
 warm-up, CUDA events), MFU against a bf16 matmul peak measured in the same run, peak
@@ -31,6 +33,7 @@ with); timm's model is the same network, so the same count is used for it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import importlib.util
@@ -47,6 +50,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
@@ -65,6 +69,8 @@ MODELS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224",
           "base": "deit_base_patch16_224"}
 LABELS = {"tiny": "DeiT-Ti", "small": "DeiT-S", "base": "DeiT-B"}
 TRITON = KernelChoice("triton", "triton", "triton")
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 DROP_PATH = 0.1  # the recipe's stochastic depth, for ours and timm alike
 EMA_DECAY = 0.99996
 MAX_BATCH = 16384  # where --max-batch stops doubling even if it still fits (8 in smoke)
@@ -78,6 +84,7 @@ class Setting:
     compiled: bool
     priority: int  # rows run in this order, so that --budget-s cuts the least needed ones
     cuda_graphs: bool = False  # only with --cuda-graphs
+    sdpa_backend: str | None = None  # forced for the whole row; None: torch's own choice
 
 
 SETTINGS = [
@@ -87,6 +94,9 @@ SETTINGS = [
     Setting("ours triton layernorm", "ours", KernelChoice("sdpa", "triton", "torch"), False, 2),
     Setting("ours triton gelu", "ours", KernelChoice("sdpa", "torch", "triton"), False, 2),
     Setting("timm eager", "timm", None, False, 0),
+    # torch's default SDPA backend changes between versions: each one, forced
+    *(Setting(f"ours sdpa {b}", "ours", KernelChoice("sdpa", "torch", "torch"), False, 1,
+              sdpa_backend=b) for b in ("cudnn", "flash", "efficient")),
     Setting("ours triton compiled", "ours", TRITON, True, 1),  # slow to compile: late
     Setting("timm compiled", "timm", None, True, 1),
     Setting("ours triton cuda graphs", "ours", TRITON, False, 1, cuda_graphs=True),
@@ -136,7 +146,7 @@ class _Batches:
         yield from (self.batch for _ in range(start_step, self.steps_per_epoch))
 
 
-def _trainer(model: nn.Module, name: str, setting: Setting, batch: int, run: Run,
+def build_trainer(model: nn.Module, name: str, setting: Setting, batch: int, run: Run,
              run_dir: str) -> tuple[Trainer, SimpleNamespace]:
     """The recipe's Trainer (mixup 0.8, cutmix 1.0, EMA, --distill) around `model`."""
     cfg = load_config(None, [
@@ -163,7 +173,7 @@ def _trainer(model: nn.Module, name: str, setting: Setting, batch: int, run: Run
     return trainer, data
 
 
-def _train_step(trainer: Trainer, data: SimpleNamespace) -> Callable[[], None]:
+def advancing_step(trainer: Trainer, data: SimpleNamespace) -> Callable[[], None]:
     """Trainer.train_step as fit() calls it, the step's position advancing (mixup draws)."""
 
     def step() -> None:
@@ -206,10 +216,12 @@ def _measure(setting: Setting, model_key: str, batch: int, run: Run) -> dict[str
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     model = _build(setting, MODELS[model_key], run)
-    with tempfile.TemporaryDirectory(prefix="deit-fast-step-") as run_dir:
-        trainer, data = _trainer(model, MODELS[model_key], setting, batch, run, run_dir)
+    backend = sdpa_kernel(SDPA_BACKENDS[setting.sdpa_backend]) if setting.sdpa_backend \
+        else contextlib.nullcontext()
+    with backend, tempfile.TemporaryDirectory(prefix="deit-fast-step-") as run_dir:
+        trainer, data = build_trainer(model, MODELS[model_key], setting, batch, run, run_dir)
         try:
-            step_ms = statistics.median(_step_times_ms(_train_step(trainer, data), run))
+            step_ms = statistics.median(_step_times_ms(advancing_step(trainer, data), run))
         finally:
             trainer.close()
     peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" \
@@ -217,18 +229,19 @@ def _measure(setting: Setting, model_key: str, batch: int, run: Run) -> dict[str
     return {"step_ms": step_ms, "img_per_s": batch / step_ms * 1e3, "peak_mem_gib": peak}
 
 
-def _describe(setting: Setting) -> str:
-    if setting.kernels is None:
+def describe_kernels(kernels: KernelChoice | None) -> str:
+    """The CSV's kernels column (benchmarks/traffic.py matches its bounds on it)."""
+    if kernels is None:
         return "timm VisionTransformer, fused_attn (SDPA)"
-    k = setting.kernels
-    return f"attention={k.attention} layernorm={k.layernorm} gelu={k.gelu}"
+    return f"attention={kernels.attention} layernorm={kernels.layernorm} gelu={kernels.gelu}"
 
 
 def blank_row(setting: Setting, model_key: str, batch: int, status: str) -> dict[str, Any]:
     """A CSV row with no measurement yet."""
     return {
         "model": LABELS.get(model_key, model_key), "setting": setting.name,
-        "source": setting.source, "kernels": _describe(setting), "compiled": setting.compiled,
+        "source": setting.source, "kernels": describe_kernels(setting.kernels),
+        "sdpa_backend": setting.sdpa_backend or "default", "compiled": setting.compiled,
         "batch": batch, "img_per_s": "", "step_ms": "", "mfu": "", "peak_mem_gib": "",
         "speedup_vs_timm_eager": "", "status": status,
     }

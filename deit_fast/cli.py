@@ -18,7 +18,7 @@ from deit_fast.config import ConfigError, load_config
 
 # `deit-fast bench NAME` runs benchmarks/SCRIPT
 BENCHMARKS = {"kernels": "kernel_bench.py", "step": "step.py", "data": "data.py",
-              "distill": "distill.py", "compile": "compile.py"}
+              "distill": "distill.py", "compile": "compile.py", "traffic": "traffic.py"}
 
 
 def _parser() -> argparse.ArgumentParser:

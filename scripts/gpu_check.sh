@@ -6,8 +6,9 @@
 # benchmark, the cached-vs-online distillation step (RegNetY-16GF teacher, DeiT-S student),
 # a short real training run on generated JPEGs with every Triton kernel on (the loss must
 # fall, with no NaN) and, last, the training-step benchmark under
-# torch.cuda.set_sync_debug_mode("error"). Logs and CSVs go to OUTDIR, and a summary table
-# (stage, status, seconds, note) is written there and printed last.
+# torch.cuda.set_sync_debug_mode("error"), each setting's img/s printed beside the bound of
+# the committed traffic table (benchmarks/traffic.py). Logs and CSVs go to OUTDIR, and a
+# summary table (stage, status, seconds, note) is written there and printed last.
 #
 #   scripts/gpu_check.sh OUTDIR [--dry-run] [--skip STAGE[,STAGE...]] [--budget STAGE=SECONDS]
 #   stages: env compile tests kernels dali decode distill train step;  PYTHON picks python3
@@ -190,10 +191,22 @@ stage_kernels() {
     return $rc
 }
 
+# Each setting's measured img/s beside the bound the committed traffic table
+# (benchmarks/results/traffic.csv) sets for the same model, kernels and GPU: the bound is a
+# count, not a measurement, so it is read, not recomputed here. Into step_vs_bound.txt.
+compare_to_bound() {
+    local csv
+    csv=$(compgen -G "$OUTDIR/step_*.csv" | head -n 1)
+    [[ -n $csv && -f $REPO/benchmarks/traffic.py ]] || return 0
+    within_stage bash -c '"$1" benchmarks/traffic.py --compare "$2" >"$3"' _ "$PY" "$csv" \
+        "$OUTDIR/step_vs_bound.txt" && tee -a "$LOG" <"$OUTDIR/step_vs_bound.txt"
+}
+
 stage_step() {
     if [[ -n $DRY_REASON ]]; then
         NOTE="smoke: one-block model at 32 px, fp32, Triton interpreted"
-        within_stage "$PY" benchmarks/step.py --smoke --out "$OUTDIR"
+        within_stage "$PY" benchmarks/step.py --smoke --out "$OUTDIR" || return
+        compare_to_bound
         return
     fi
     # Every timed step under set_sync_debug_mode("error"), where step.py offers it.
@@ -204,10 +217,11 @@ stage_step() {
     else
         sync_note="step.py has no --sync-debug: host syncs not checked"
     fi
-    # Start no row in the last 75 s: compiling a model can take that long.
+    # Start no row in the last 95 s: compiling a model can take 75, the comparison 20.
     within_stage "$PY" benchmarks/step.py --models small,base,tiny --steps 20 --warmup 8 \
-        "${sync[@]}" --budget-s $((STAGE_END - SECONDS - 75)) --out "$OUTDIR"
+        "${sync[@]}" --budget-s $((STAGE_END - SECONDS - 95)) --out "$OUTDIR"
     local rc=$?
+    compare_to_bound
     NOTE="$(target_counts); $(grep -c 'skipped: time budget' "$LOG") rows over budget; $sync_note"
     return $rc
 }

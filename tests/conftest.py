@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.path.exists("/dev/nvidiactl"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.utils._device  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,6 +25,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
     """New float tensors from torch.empty/empty_like start as NaN: an unwritten element shows."""
+    # torch.device contexts cache the constructors they redirect on first use: cache the real
+    # ones first, or a context first used under this patch keeps the wrappers for the whole
+    # session, and `with torch.device("meta")` no longer reaches torch.empty in later tests.
+    torch.utils._device._device_constructors()
 
     def poisoned(allocate):
         def allocate_nan(*args, **kwargs):

@@ -57,6 +57,6 @@ def test_data_check_lists_bad_files(capsys, tmp_path):
 
 
 def test_bench_names_run_their_scripts(capfd):
-    for name in ("kernels", "step", "data", "distill", "compile"):
+    for name in ("kernels", "step", "data", "distill", "compile", "traffic"):
         assert main(["bench", name, "--help"]) == 0
         assert "usage:" in capfd.readouterr().out, name

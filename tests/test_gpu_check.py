@@ -80,7 +80,8 @@ def test_summary_names_every_stage_and_why_it_was_skipped(dry_run: tuple[Path, s
 def test_step_smoke_writes_every_row(dry_run: tuple[Path, str]) -> None:
     out, _ = dry_run
     rows = {r["setting"]: r for r in _csv(out / "step_smoke.csv")}
-    assert list(rows) == ["ours triton", "ours torch", "timm eager", "ours triton compiled",
+    assert list(rows) == ["ours triton", "ours torch", "timm eager", "ours sdpa cudnn",
+                          "ours sdpa flash", "ours sdpa efficient", "ours triton compiled",
                           "timm compiled", "ours triton attention", "ours triton layernorm",
                           "ours triton gelu"]  # in priority order
     for name, row in rows.items():
@@ -88,9 +89,20 @@ def test_step_smoke_writes_every_row(dry_run: tuple[Path, str]) -> None:
         if name == "ours triton compiled":  # compile cannot trace interpreted Triton ops
             assert row["status"].startswith("skipped:") and row["img_per_s"] == ""
             continue
+        if name in ("ours sdpa cudnn", "ours sdpa efficient"):  # CUDA kernels: a CPU has none
+            assert row["status"].startswith("error: RuntimeError") and row["img_per_s"] == ""
+            assert row["sdpa_backend"] == name.split()[-1]
+            continue
         assert row["status"] == "ok", (name, row["status"])
         assert float(row["img_per_s"]) > 0 and float(row["mfu"]) > 0
     assert rows["timm eager"]["speedup_vs_timm_eager"] == "1.0"
+    assert rows["ours torch"]["sdpa_backend"] == "default"
+    assert rows["ours sdpa flash"]["kernels"] == rows["ours torch"]["kernels"]
+    # the img/s beside the committed traffic table's bounds: none on a CPU
+    compared = (out / "step_vs_bound.txt").read_text().splitlines()
+    assert compared[0].startswith("bounds: ") and len(compared) == 2 + len(rows)
+    assert compared[2].split() == ["DeiT-Ti", "ours", "triton", "2",
+                                   rows["ours triton"]["img_per_s"]]
     meta = json.loads((out / "step_smoke.json").read_text())
     assert {"device", "torch", "triton", "timm", "date", "command", "peak_matmul_tflops",
             "train_flops_per_image"} <= meta.keys()
