@@ -37,10 +37,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: torch.Tensor,
     (`lr`, a float32 device tensor every group shares, filled from the schedule) and a
     found-inf flag as device tensors, so a step never reads a value on the host (the
     foreach AdamW reads each step count). `capturable` lets a CUDA graph capture it."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr.clone(),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0,
                                   betas=cfg.betas, eps=cfg.eps, fused=True,
                                   capturable=capturable)
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # the kernel reads it where the step fills it
         group["lr"] = lr
     return optimizer
 
