@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dataset import class_difference
+
 FORMAT_VERSION = 4  # 4: the batches mode; 3: keyed random domains, timm's RandAugment
 CACHE_MODES = ("batches", "views")  # distill.cache_mode
 # what a group of rows is, and a row in it, in each mode
@@ -50,7 +52,7 @@ ADDRESS = {"batches": ("epoch", "row"), "views": ("view", "sample")}
 MANIFEST = "manifest.json"
 NOT_SHOWN = -1  # the class index of a row the planned run never reads
 # Fields a run must agree on with the cache (those of its mode); the rest is bookkeeping.
-IDENTITY_FIELDS = ("cache_mode", "dataset_fingerprint", "num_samples", "seed", "plan",
+IDENTITY_FIELDS = ("cache_mode", "classes", "dataset_fingerprint", "num_samples", "seed", "plan",
                    "repeats", "num_classes", "teacher", "teacher_checkpoint_sha256", "topk",
                    "epochs", "views_backend", "num_views", "batch_size", "world_size", "mixup")
 PRODUCE_HINT = "produce it with `deit-fast cache-teacher --config FILE` (same config as the run)"
@@ -170,8 +172,13 @@ def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: st
             f"another distill.cache_dir, or remove {where} first; {PRODUCE_HINT}")
     for key in IDENTITY_FIELDS:
         if key in expected and manifest.get(key) != expected[key]:
-            message = (f"teacher cache {where} does not match this run: field {key!r} is "
-                       f"{manifest.get(key)!r} in the cache, {expected[key]!r} in the run")
+            if key == "classes":  # a thousand names: say which differ
+                difference = class_difference(manifest.get(key) or [], expected[key],
+                                              "the cache", "train/")
+                found = f"differs: {difference}"
+            else:
+                found = f"is {manifest.get(key)!r} in the cache, {expected[key]!r} in the run"
+            message = f"teacher cache {where} does not match this run: field {key!r} {found}"
             if key in warn_only:
                 warnings.warn(message, stacklevel=2)
                 continue

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from deit_fast.demo import (
     CACHED,
@@ -48,10 +47,10 @@ from deit_fast.demo import (
     train_teacher,
     write_digits,
 )
+from deit_fast.models.deit import HEADS
 
 SEEDS = (0, 1, 2, 3, 4)
 PLAIN, TOKEN = "deit_micro_patch4_32", "deit_micro_distilled_patch4_32"
-HEADS = ("class", "distillation", "joint")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}  # Student's t, 97.5% quantile, by degrees of freedom
 
@@ -85,22 +84,6 @@ SELECTION = tuple(
 SELECTION_SEEDS = (0, 1, 2)
 
 
-class Head(nn.Module):
-    """One head of a distilled DeiT at evaluation: class, distillation, or joint (mean)."""
-
-    def __init__(self, model: nn.Module, head: str) -> None:
-        super().__init__()
-        self.model, self.head = model, head
-
-    def forward(self, images: Tensor) -> Tensor:
-        if self.head == "joint":
-            return self.model(images)
-        tokens = self.model.forward_features(images)
-        if self.head == "class":
-            return self.model.head(tokens[:, 0])
-        return self.model.head_dist(tokens[:, 1])
-
-
 def eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
     """Val top-1 of each head of the run's last weights."""
     from deit_fast import checkpoint
@@ -115,7 +98,11 @@ def eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
                                           "last.pt")["model"])
     loader = build_val_loader(index, image_size=image_size(cfg), crop_pct=cfg.data.crop_pct,
                               batch_size=cfg.data.eval_batch_size, num_workers=0)
-    return {h: evaluate(Head(model, h), loader, torch.device("cpu"))["top1"] for h in heads}
+    top1 = {}
+    for head in heads:  # a plain DeiT has one head: it ignores eval_head
+        model.eval_head = head
+        top1[head] = evaluate(model, loader, torch.device("cpu"))["top1"]
+    return top1
 
 
 def paired(values: list[float], base: list[float]) -> dict[str, Any]:

@@ -91,3 +91,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_run(state: dict[str, Any], source: str, model_name: str, classes: list[str] | None,
+              fingerprint: str) -> None:
+    """ValueError unless checkpoint `state` was written for this model, these classes (by
+    name, in order) and this dataset (its fingerprint); what a checkpoint lacks is not
+    checked."""
+    from deit_fast.data_pipeline.dataset import class_difference
+
+    if state.get("model_name") != model_name:
+        raise ValueError(f"{source} was written for model {state.get('model_name')!r}, this "
+                         f"run's model.name is {model_name!r}")
+    saved = state.get("classes")
+    if classes is not None and saved is not None and saved != classes:
+        raise ValueError(f"{source} was written for other classes than this run's train/ "
+                         f"folders: {class_difference(saved, classes, 'the checkpoint', 'train/')}")
+    if fingerprint and state.get("fingerprint") not in ("", None, fingerprint):
+        raise ValueError(f"{source} was written for another dataset (fingerprint "
+                         f"{state.get('fingerprint')!r}, this run's {fingerprint!r})")

@@ -15,6 +15,7 @@ import warnings
 from tqdm import tqdm
 
 from deit_fast.config import ConfigError, load_config
+from deit_fast.models.deit import HEADS
 
 # `deit-fast bench NAME` runs benchmarks/SCRIPT
 BENCHMARKS = {"kernels": "kernel_bench.py", "step": "step.py", "data": "data.py",
@@ -34,9 +35,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--checkpoint", required=True, help="deit-fast, timm or DeiT weights; "
                            "a deit-fast checkpoint's own model, image size and precision are "
-                           "used unless set here")
+                           "used unless an override sets them, and its classes are matched to "
+                           "val/'s by name")
             p.add_argument("--ema", action="store_true",
                            help="evaluate the EMA weights of a deit-fast checkpoint")
+            p.add_argument("--head", choices=HEADS, default="joint",
+                           help="a distilled model's head: the class token's, the "
+                                "distillation token's, or their mean (joint, the default)")
     p = sub.add_parser("demo", help="train a small DeiT on scikit-learn's digits, on the CPU")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--ablation", action="store_true",
@@ -112,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(summary), file=sys.stderr)
             return 0
         if args.command == "eval":
-            from deit_fast.run import evaluate_checkpoint
+            from deit_fast.checkpoint_eval import evaluate_checkpoint
 
             print(json.dumps(evaluate_checkpoint(args.config, args.overrides, args.checkpoint,
-                                                 args.ema), indent=2))
+                                                 args.ema, args.head), indent=2))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":

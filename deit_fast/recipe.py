@@ -82,7 +82,8 @@ def cache_identity(cfg: Config, index: DatasetIndex, teacher_sha256: str,
     mixed batches: the per-rank batch, the ranks and the mixing recipe (batches)."""
     d = cfg.distill
     identity = dict(
-        cache_mode=d.cache_mode, dataset_fingerprint=index.fingerprint, num_samples=len(index),
+        cache_mode=d.cache_mode, classes=index.classes, dataset_fingerprint=index.fingerprint,
+        num_samples=len(index),
         seed=cfg.train.seed, plan=dataclasses.asdict(plan_params(cfg)),
         repeats=cfg.data.repeats, num_classes=len(index.classes), teacher=d.teacher or "",
         teacher_checkpoint_sha256=teacher_sha256, topk=d.topk, epochs=cfg.train.epochs,

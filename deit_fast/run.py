@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import warnings
@@ -10,14 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from torch import nn
 
 from deit_fast import checkpoint, distributed
-from deit_fast.config import Config, ConfigError, load_config, save_config, to_dict
+from deit_fast.config import Config, ConfigError, save_config, to_dict
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model, load_checkpoint
-from deit_fast.ops import autocast, resolve_kernels
+from deit_fast.ops import resolve_kernels
 from deit_fast.recipe import (
     build_mixup,
     cache_identity,
@@ -35,9 +33,11 @@ if TYPE_CHECKING:
     from deit_fast.data_pipeline.teacher_cache import TeacherCache
 
 
-def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, device: torch.device,
+                classes: list[str] | None = None) -> nn.Module:
     """model.name (a deit-fast DeiT with the configured kernels, or a timm model), from
-    model.init_checkpoint when set."""
+    model.init_checkpoint when set; its head starts afresh where the checkpoint names other
+    classes than `classes` (the run's)."""
     kernels = resolve_kernels(cfg.kernels.attention, cfg.kernels.layernorm, cfg.kernels.gelu,
                               device)
     try:
@@ -47,7 +47,17 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Modul
         raise ConfigError(f"model.name {cfg.model.name!r}: timm cannot build it as configured "
                           f"({err}); model.drop_path=0.0 turns the drop path rate off") from err
     if cfg.model.init_checkpoint:
-        load_checkpoint(model, cfg.model.init_checkpoint, new_head=True)
+        from deit_fast.data_pipeline.dataset import class_difference
+
+        try:
+            state = checkpoint.load(cfg.model.init_checkpoint)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"model.init_checkpoint: {err}") from err
+        saved = state.get("classes") if isinstance(state, dict) else None
+        other = class_difference(saved, classes, "the checkpoint", "train/") \
+            if saved and classes else None
+        load_checkpoint(model, state, new_head=True,
+                        fresh_head=other and f"other classes ({other})")
     return model.to(device)
 
 
@@ -236,7 +246,7 @@ def _train(cfg: Config, dist: distributed.Distributed,
     if num_classes != len(index.classes):
         raise ValueError(f"model.num_classes={num_classes} but the dataset has "
                          f"{len(index.classes)} classes")
-    model = build_model(cfg, num_classes, device)
+    model = build_model(cfg, num_classes, device, index.classes)
     criterion = build_criterion(cfg)
     if dist.active:
         torch.manual_seed(cfg.train.seed + dist.rank)  # drop-path masks differ between ranks
@@ -245,7 +255,7 @@ def _train(cfg: Config, dist: distributed.Distributed,
     trainer = Trainer(cfg, model, train_loader, val_loader, criterion, mixup, device, run_dir,
                       fingerprint=index.fingerprint,
                       teacher_targets=build_teacher_targets(cfg, num_classes, device),
-                      dist=dist, stop=stop)
+                      dist=dist, stop=stop, classes=index.classes)
     try:
         if state is not None:
             trainer.resume(state)
@@ -264,58 +274,3 @@ def _train(cfg: Config, dist: distributed.Distributed,
         return trainer.fit()
     finally:
         trainer.close()
-
-
-# What a deit-fast checkpoint's own config decides for its evaluation, unless overridden.
-EVAL_FROM_CHECKPOINT = ("model.name", "model.img_size", "model.num_classes", "train.precision",
-                        "data.crop_pct", "data.backend", "data.eval_batch_size")
-
-
-def eval_config(config_file: str | None, overrides: list[str], state: dict[str, Any]) -> Config:
-    """The config to evaluate a checkpoint with: EVAL_FROM_CHECKPOINT keys from the
-    checkpoint's own config (a deit-fast checkpoint has one), unless --config or an override
-    sets them."""
-    explicit = {text.partition("=")[0].strip() for text in overrides}
-    if config_file and Path(config_file).is_file():
-        raw = yaml.safe_load(Path(config_file).read_text()) or {}
-        explicit |= {f"{section}.{key}" for section, values in raw.items()
-                     if isinstance(values, dict) for key in values}
-    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-    taken = []
-    for key in EVAL_FROM_CHECKPOINT:
-        section, name = key.split(".")
-        if key not in explicit and name in saved.get(section, {}):
-            taken.append(f"{key}={json.dumps(saved[section][name])}")
-    return load_config(config_file, [*taken, *overrides])
-
-
-def evaluate_checkpoint(config_file: str | None, overrides: list[str], checkpoint_path: str,
-                        ema: bool = False) -> dict[str, float]:
-    """Top-1/top-5 of a checkpoint (deit-fast, timm or official DeiT) on data.path/val, with
-    the precision, image size and model its training run evaluated with (eval_config);
-    ema: the EMA weights of a deit-fast checkpoint. Equals training's own evaluation."""
-    from deit_fast.data_pipeline import DatasetIndex, build_val_loader
-    from deit_fast.evaluate import evaluate
-    from deit_fast.models import CheckpointMismatch, read_state_dict
-
-    try:
-        state = checkpoint.load(checkpoint_path)
-    except ValueError as err:
-        raise CheckpointMismatch(str(err)) from err
-    cfg = eval_config(config_file, overrides, state)
-    if ema:
-        if not isinstance(state.get("ema"), dict):
-            raise ConfigError(f"--ema: checkpoint {checkpoint_path!r} holds no EMA weights "
-                              "(only deit-fast checkpoints of runs with train.ema=true do)")
-        weights = state["ema"]
-    else:
-        weights = read_state_dict(state)
-    device = resolve_device(cfg.train.device)
-    val_index = DatasetIndex.from_folder(data_root(cfg), split="val")
-    model = build_model(cfg, cfg.model.num_classes or len(val_index.classes), device)
-    load_checkpoint(model, weights)
-    loader = build_val_loader(val_index, image_size=image_size(cfg), crop_pct=cfg.data.crop_pct,
-                              batch_size=cfg.data.eval_batch_size,
-                              num_workers=cfg.data.num_workers, backend=cfg.data.backend,
-                              device=device, on_bad_image=cfg.data.on_bad_image)
-    return evaluate(model, loader, device, lambda: autocast(device, cfg.train.precision))

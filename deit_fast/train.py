@@ -55,11 +55,12 @@ class Trainer:
                  criterion: Callable[..., Tensor], mix: Mixup,
                  device: torch.device, run_dir: str | Path, fingerprint: str = "",
                  teacher_targets: TeacherTargets | None = None,
-                 dist: Distributed | None = None, stop: StopRequest | None = None) -> None:
+                 dist: Distributed | None = None, stop: StopRequest | None = None,
+                 classes: list[str] | None = None) -> None:
         t = cfg.train
         self.cfg, self.device, self.run_dir = cfg, device, Path(run_dir)
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
-        self.fingerprint, self.stop = fingerprint, stop
+        self.fingerprint, self.classes, self.stop = fingerprint, classes, stop
         self.dist = dist or Distributed(device=device)
         self.items_per_step = cfg.data.batch_size * self.dist.world_size
         self.accum_steps = t.accum_steps
@@ -93,6 +94,7 @@ class Trainer:
             "format_version": checkpoint.FORMAT_VERSION,
             "model_name": self.cfg.model.name,
             "fingerprint": self.fingerprint,
+            "classes": self.classes,
             "config": to_dict(self.cfg),
             **self.step.state_dict(),
             "epoch": self.epoch,
@@ -108,12 +110,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        if state.get("model_name") != self.cfg.model.name:
-            raise ValueError(f"{source} was written for model {state.get('model_name')!r}, "
-                             f"this run's model.name is {self.cfg.model.name!r}")
-        if self.fingerprint and state.get("fingerprint") not in ("", self.fingerprint):
-            raise ValueError(f"{source} was written for another dataset (fingerprint "
-                             f"{state.get('fingerprint')!r}, this run's {self.fingerprint!r})")
+        checkpoint.check_run(state, source, self.cfg.model.name, self.classes, self.fingerprint)
         self.step.load_state_dict(state)
         self.epoch, self.best_top1 = state["epoch"], state["best_top1"]
         self.last_eval = state.get("last_eval", {})

@@ -87,6 +87,20 @@ def _create_timm(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Mo
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+def models_fitting(state: dict[str, Tensor]) -> list[str]:
+    """The registered DeiTs whose tensors have the names and shapes of `state` (a resizable
+    pos_embed aside), checked on the meta device: nothing is allocated."""
+    classes = state["head.weight"].shape[0] if "head.weight" in state else 1000
+    fitting = []
+    for name in MODEL_SPECS:
+        with torch.device("meta"):
+            own = create_model(name, num_classes=classes).state_dict()
+        if set(own) == set(state) and all(
+                key == "pos_embed" or own[key].shape == state[key].shape for key in own):
+            fitting.append(name)
+    return fitting
+
+
 def classifier_keys(model: nn.Module) -> tuple[str, ...]:
     """The modules whose tensors are the class heads: a DeiT's, or timm's `classifier`."""
     if isinstance(model, DeiT):
@@ -129,7 +143,7 @@ def read_state_dict(source: str | Path | dict[str, Any]) -> dict[str, Tensor]:
 
 
 def load_checkpoint(model: nn.Module, source: str | Path | dict[str, Any],
-                    new_head: bool = False) -> None:
+                    new_head: bool = False, fresh_head: str | None = None) -> None:
     """Load a timm / official DeiT / deit-fast state dict (raw or under "model") into `model`
     (a deit-fast DeiT or a timm model).
 
@@ -138,7 +152,8 @@ def load_checkpoint(model: nn.Module, source: str | Path | dict[str, Any],
     distillation token the model lacks), raises CheckpointMismatch naming it. Only then is a
     DeiT's pos_embed resized bicubically to the model's resolution. With new_head=True,
     class heads of another size are left at their fresh initialisation (fine-tuning to new
-    classes), and a warning says so.
+    classes), and a warning says so; `fresh_head`, a reason, leaves them fresh whatever their
+    size (classes of other names).
     """
     state = read_state_dict(source)
     own = model.state_dict()
@@ -149,8 +164,12 @@ def load_checkpoint(model: nn.Module, source: str | Path | dict[str, Any],
         if key not in state:
             raise CheckpointMismatch(f"checkpoint does not fit {where}: tensor {key!r} "
                                      f"{tuple(value.shape)} is missing (another architecture?)")
-        if key not in resizable and state[key].shape != value.shape:
-            if new_head and key.rsplit(".", 1)[0] in classifier_keys(model):
+        is_head = key.rsplit(".", 1)[0] in classifier_keys(model)
+        if is_head and fresh_head:
+            state[key] = value
+            fresh.append(key)
+        elif key not in resizable and state[key].shape != value.shape:
+            if new_head and is_head:
                 state[key] = value
                 fresh.append(key)
                 continue
@@ -163,9 +182,9 @@ def load_checkpoint(model: nn.Module, source: str | Path | dict[str, Any],
                                  f"{extra[0]!r} {tuple(state[extra[0]].shape)} (another "
                                  "architecture?)")
     if fresh:
-        warnings.warn(f"model.init_checkpoint: the class head ({', '.join(fresh)}) has another "
-                      "number of classes than this run's; it starts from a fresh "
-                      "initialisation", stacklevel=2)
+        why = fresh_head or "another number of classes than this run's"
+        warnings.warn(f"model.init_checkpoint: the class head ({', '.join(fresh)}) starts from "
+                      f"a fresh initialisation: the checkpoint's has {why}", stacklevel=2)
     if resizable:
         theirs, wanted = state["pos_embed"], own["pos_embed"]
         if theirs.shape != wanted.shape:
@@ -180,4 +199,4 @@ def load_checkpoint(model: nn.Module, source: str | Path | dict[str, Any],
 
 __all__ = ["MODEL_SPECS", "CheckpointMismatch", "DeiT", "classifier_keys", "create_model",
            "interpolate_pos_embed", "is_known_model", "load_checkpoint", "model_image_size",
-           "read_state_dict"]
+           "models_fitting", "read_state_dict"]

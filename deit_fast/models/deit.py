@@ -81,6 +81,9 @@ class Block(nn.Module):
         return x, drop_path(self.mlp(h), self.drop_path, self.training)
 
 
+HEADS = ("class", "distillation", "joint")  # the heads of a distilled DeiT, at evaluation
+
+
 class DeiT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
@@ -104,6 +107,7 @@ class DeiT(nn.Module):
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self.head_dist = nn.Linear(embed_dim, num_classes) if distilled else None
+        self.eval_head = "joint"  # one of HEADS: what a distilled model predicts at evaluation
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -146,6 +150,8 @@ class DeiT(nn.Module):
         return y
 
     def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Class logits; a distilled model trains on (class, distillation) logits and is
+        evaluated with `eval_head`: their mean (joint, the paper's), or either head alone."""
         tokens = self.forward_features(images)
         logits = self.head(tokens[:, 0])
         if not self.distilled:
@@ -153,4 +159,5 @@ class DeiT(nn.Module):
         dist_logits = self.head_dist(tokens[:, 1])
         if self.training:
             return logits, dist_logits
-        return (logits + dist_logits) / 2
+        return {"class": logits, "distillation": dist_logits,
+                "joint": (logits + dist_logits) / 2}[self.eval_head]
