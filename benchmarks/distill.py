@@ -37,7 +37,7 @@ from deit_fast.config import load_config  # noqa: E402
 from deit_fast.data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header  # noqa: E402
 from deit_fast.losses import DistillationLoss  # noqa: E402
 from deit_fast.models import MODEL_SPECS, create_model  # noqa: E402
-from deit_fast.recipe import build_mixup  # noqa: E402
+from deit_fast.resolve import build_mixup  # noqa: E402
 from deit_fast.teacher import TeacherTargets  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
 
@@ -46,6 +46,9 @@ class OneBatch:
     """The loader seam the Trainer's constructor reads; the benchmark feeds batches itself."""
 
     steps_per_epoch, bad_files = 1_000_000, frozenset()
+
+    def __init__(self, batch: int) -> None:
+        self.items_per_step = batch
 
 
 def random_cache(folder: Path, num_samples: int, num_classes: int, topk: int) -> TeacherCache:
@@ -124,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = None if kind == "none" else TeacherTargets(
             kind, 1.0, args.classes, teacher if source == "online" else None,
             cache_mode="batches" if source == "cache" else None)
-        trainer = Trainer(cfg, student, OneBatch(), None, DistillationLoss(kind), mixup, device,
-                          Path(folder.name) / name.replace(" ", "_").replace(",", ""),
-                          teacher_targets=targets)
+        run_dir = Path(folder.name) / name.replace(" ", "_").replace(",", "")
+        trainer = Trainer(cfg, student, OneBatch(args.batch), None, DistillationLoss(kind),
+                          mixup, device, run_dir, teacher_targets=targets)
         seconds = median_seconds(lambda t=trainer: t.train_step(batch), args.steps, args.warmup,
                                  device)
         trainer.close()

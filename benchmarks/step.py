@@ -61,7 +61,7 @@ from deit_fast.config import load_config  # noqa: E402
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
 from deit_fast.models import create_model  # noqa: E402
 from deit_fast.ops import KernelChoice  # noqa: E402
-from deit_fast.recipe import build_mixup  # noqa: E402
+from deit_fast.resolve import build_mixup  # noqa: E402
 from deit_fast.teacher import TeacherTargets  # noqa: E402
 from deit_fast.train import Trainer  # noqa: E402
 
@@ -141,6 +141,7 @@ class _Batches:
 
     def __init__(self, batch: SimpleNamespace) -> None:
         self.batch, self.steps_per_epoch, self.bad_files = batch, 1000, set()
+        self.items_per_step = len(batch.images)
 
     def epoch(self, epoch: int, start_step: int = 0, start_item: int | None = None):
         yield from (self.batch for _ in range(start_step, self.steps_per_epoch))

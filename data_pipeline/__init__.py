@@ -1,5 +1,9 @@
 """Everything between image files on disk and a training batch on the device.
 
+This folder is data_pipeline/ at the top of the repository; it imports as
+deit_fast.data_pipeline (deit_fast/__init__.py adds the repository to that package's path
+in a checkout; the wheel installs it as deit_fast/data_pipeline).
+
 DatasetIndex -> RepeatedAugSampler (which (sample, repeat) pairs, per rank and step) ->
 AugmentationPlan (every random decision of a view, keyed by (seed, view, sample)) ->
 a loader backend (DALI or torch) that applies the plan -> Mixup on the device.

@@ -39,7 +39,7 @@ def cutmix_box(lam: float, centre: tuple[int, int], height: int, width: int
 
 class Mixup:
     """`mixup(images, labels, key)` -> (images, targets), on the device. The recipe's values
-    are the config's (deit_fast.recipe.build_mixup)."""
+    are the config's (deit_fast.resolve.build_mixup)."""
 
     def __init__(
         self,

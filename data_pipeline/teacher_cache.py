@@ -31,10 +31,8 @@ shards on first use and look up (group, row) by arithmetic on the two numbers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ import numpy as np
 import torch
 
 from .dataset import class_difference
+from .files import atomic_write
 
 FORMAT_VERSION = 4  # 4: the batches mode; 3: keyed random domains, timm's RandAugment
 CACHE_MODES = ("batches", "views")  # distill.cache_mode
@@ -84,25 +83,9 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + directory fsync: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, f"could not write cache file {str(path)!r} ({err.strerror}); "
-                                 "the previous file is unchanged") from err
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write(path: Path, data: bytes) -> None:
+    with atomic_write(path, "cache file") as f:
+        f.write(data)
 
 
 @dataclass(frozen=True)
@@ -207,7 +190,7 @@ class ShardWriter:
                           stacklevel=2)
             for stale in [*self.dir.glob("*_chunk*.bin"), *self.dir.glob("*.sha256")]:
                 stale.unlink()
-        _write_atomic(path, json.dumps(header, indent=1).encode())
+        _write(path, json.dumps(header, indent=1).encode())
 
     def is_complete(self, shard: ShardSpec) -> bool:
         path, check = self.dir / shard.name, self.dir / f"{shard.name}.sha256"
@@ -221,8 +204,8 @@ class ShardWriter:
             raise ValueError(f"shard {shard.name}: expected [{shard.count}, {k}] values and "
                              f"indices, got {values.shape} and {indices.shape}")
         data = values.astype(np.float16).tobytes() + indices.astype(dtype).tobytes()
-        _write_atomic(self.dir / shard.name, data)
-        _write_atomic(self.dir / f"{shard.name}.sha256",
+        _write(self.dir / shard.name, data)
+        _write(self.dir / f"{shard.name}.sha256",
                       hashlib.sha256(data).hexdigest().encode())
 
     def finalize(self) -> bool:
@@ -234,7 +217,7 @@ class ShardWriter:
         manifest = dict(self.header, complete=True, shards=[
             {"file": s.name, "group": s.group, "first_row": s.first_row, "count": s.count,
              "sha256": c.read_text().strip()} for s, c in zip(shards, checks)])
-        _write_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+        _write(self.dir / MANIFEST, json.dumps(manifest, indent=1).encode())
         return True
 
 

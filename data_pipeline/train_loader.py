@@ -160,6 +160,10 @@ class TrainLoader:
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
+    @property
+    def items_per_step(self) -> int:
+        return self.sampler.items_per_step
+
     def keys(self, epoch: int, first_item: int) -> SamplerKeys:
         """The keys of epoch `epoch` from global item first_item on, then of those after it."""
         mode = self.teacher_cache.mode if self.teacher_cache else None

@@ -22,7 +22,7 @@ import signal
 import weakref
 from collections.abc import Iterable, Iterator
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # the trainer's, and only its
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:

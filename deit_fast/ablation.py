@@ -89,7 +89,7 @@ def eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
     from deit_fast import checkpoint
     from deit_fast.data_pipeline import DatasetIndex, build_val_loader
     from deit_fast.evaluate import evaluate
-    from deit_fast.recipe import image_size
+    from deit_fast.resolve import image_size
     from deit_fast.run import build_model
 
     index = DatasetIndex.from_folder(cfg.data.path, split="val")

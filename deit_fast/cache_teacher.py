@@ -42,7 +42,7 @@ from deit_fast.data_pipeline.teacher_cache import (
     sha256_file,
 )
 from deit_fast.ops import autocast
-from deit_fast.recipe import (
+from deit_fast.resolve import (
     build_mixup,
     cache_geometry,
     cache_identity,

@@ -1,68 +1,25 @@
-"""Atomic checkpoint files: written to a temporary name, fsynced, then renamed.
-
-A crash or a full disk while writing leaves the previous checkpoint intact. Files hold
-only tensors and plain Python values, so they load with `weights_only=True`.
+"""Checkpoint files: written atomically (data_pipeline.files), so a crash or a full disk
+while writing leaves the previous checkpoint intact; they hold only tensors and plain
+Python values, so they load with `weights_only=True`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deit_fast.data_pipeline.files import atomic_write
+
 FORMAT_VERSION = 1
 
 
-def write_error(err: BaseException, path: str | Path, what: str) -> OSError:
-    """An OSError naming `path` and the cause (no space, not permitted...) of a failed write.
-    torch.save reports a full disk as RuntimeError ("unexpected pos"); the OSError behind it
-    is found in the exception's context."""
-    cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, OSError):
-        errno, reason = cause.errno, cause.strerror or str(cause)
-    else:
-        errno, reason = None, str(err)
-    return OSError(errno, f"could not write {what} {str(path)!r} ({reason}); the previous "
-                          f"{what} is unchanged")
-
-
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, rename over `path`; a failure
+    """torch.save, written whole or not at all (data_pipeline.files.atomic_write): a failure
     (a full disk, no permission) raises OSError naming `path` and the cause."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)):
-            raise write_error(err, path, "checkpoint") from err
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Delete the temporary files of writes that a kill interrupted before their rename."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "checkpoint") as f:
+        torch.save(state, f)
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 from deit_fast import checkpoint
 from deit_fast.config import Config, ConfigError, load_config, resolve_recipe
 from deit_fast.ops import autocast
-from deit_fast.recipe import data_root, image_size, resolve_device
+from deit_fast.resolve import data_root, image_size, resolve_device
 from deit_fast.run import build_model
 
 # What a deit-fast checkpoint's own config decides for its evaluation, unless overridden.

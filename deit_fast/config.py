@@ -3,7 +3,7 @@
 Every key is checked before any work starts: an unknown key, a wrong type or an
 impossible value raises ConfigError naming the key and what would be accepted.
 The defaults are the DeiT paper's recipe (Touvron et al. 2021, table 9), declared only here:
-the augmentation plan is built from them (run.plan_params). String keys accept the values
+the augmentation plan is built from them (resolve.plan_params). String keys accept the values
 in CHOICES.
 """
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+from deit_fast.data_pipeline.workers import STOP_SIGNALS
 
 
 @dataclass

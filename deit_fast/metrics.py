@@ -9,10 +9,8 @@ everywhere: in metrics.jsonl, on the console and in the run's summary.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -23,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from deit_fast.checkpoint import write_error
+from deit_fast.data_pipeline.files import atomic_write, write_error
 
 
 def warn_write_failed(err: OSError) -> None:
@@ -46,15 +44,8 @@ class MetricsLog:
                                          purge_step=start_step + 1)
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            os.replace(tmp, self.path)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise write_error(err, self.path, "metrics") from err
+        with atomic_write(self.path, "metrics") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records).encode())
 
     def log(self, record: dict[str, Any]) -> None:
         try:
@@ -104,18 +95,11 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
     if evals:
         axes[2].legend()
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out_png)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise write_error(err, out_png, "plot") from err
+        with atomic_write(out_png, "plot") as f:
+            fig.savefig(f, dpi=100, format="png")
     finally:
         plt.close(fig)
-
 
 class RunLog:
     """What a run tells, on rank 0 only (elsewhere every call does nothing): a progress bar

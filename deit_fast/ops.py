@@ -4,7 +4,9 @@ and in which precision the step computes.
 `resolve_kernels` turns the config's wishes (auto | triton | sdpa | eager ...) into a
 concrete `KernelChoice` for a device, or stops with a clear message when the wish cannot
 run there. The model calls `attention`, `layer_norm` and `bias_gelu` below with that
-choice; it never imports a kernel itself. `autocast` is train.precision's context for the
+choice; it never imports a kernel itself. The eager attention and the torch LayerNorm are
+the kernels' own references (deit_fast.kernels; triton, which torch's Linux wheels bring,
+must be importable). `autocast` is train.precision's context for the
 training step, the evaluation and the teacher.
 """
 
@@ -84,39 +86,41 @@ def resolve_kernels(attention: str = "auto", layernorm: str = "auto", gelu: str 
 
 
 def attention(qkv: Tensor, num_heads: int, impl: str, scale: float | None = None) -> Tensor:
-    """Packed qkv [B, N, 3*H*D] (timm's column layout) -> [B, N, H*D]."""
-    if impl == "triton":
-        from deit_fast import kernels
+    """Packed qkv [B, N, 3*H*D] (timm's column layout) -> [B, N, H*D]; eager is the Triton
+    kernel's own torch reference."""
+    from deit_fast import kernels
 
+    if impl == "triton":
         return kernels.attention(qkv, num_heads, scale)
+    if impl == "eager":
+        return kernels.attention_reference(qkv, num_heads, scale)
     batch, tokens, width = qkv.shape
     head_dim = width // (3 * num_heads)
     q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    if impl == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    else:
-        scores = (q * (scale if scale is not None else head_dim**-0.5)) @ k.transpose(-2, -1)
-        out = scores.softmax(dim=-1) @ v
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tensor | None,
                impl: str) -> tuple[Tensor, Tensor]:
-    """s = x + residual (the new residual stream) and y = LayerNorm(s); returns (y, s)."""
-    if impl == "triton":
-        from deit_fast import kernels
+    """s = x + residual (the new residual stream) and y = LayerNorm(s); returns (y, s). The
+    torch implementation is the Triton kernel's own reference."""
+    from deit_fast import kernels
 
+    if impl == "triton":
         return kernels.layer_norm(x, weight, bias, eps, residual)
-    s = x if residual is None else x + residual
     if impl == "apex":
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine
 
+        s = x if residual is None else x + residual
         return fused_layer_norm_affine(s, weight, bias, weight.shape, eps), s
-    return F.layer_norm(s, weight.shape, weight, bias, eps), s
+    return kernels.layer_norm_reference(x, weight, bias, eps, residual)
 
 
 def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
-    """gelu(x @ weight.T + bias), exact erf GELU; Triton adds the bias inside the GELU kernel."""
+    """gelu(x @ weight.T + bias), exact erf GELU. Triton adds the bias inside its GELU kernel
+    (whose reference is gelu(x + bias)); torch adds it inside the matmul (addmm), as timm's
+    Mlp does, the fastest torch form of the same math."""
     if impl == "triton":
         from deit_fast import kernels
 

@@ -16,7 +16,7 @@ from deit_fast.config import Config, ConfigError, save_config, to_dict
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model, load_checkpoint
 from deit_fast.ops import resolve_kernels
-from deit_fast.recipe import (
+from deit_fast.resolve import (
     build_mixup,
     cache_identity,
     data_root,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from deit_fast import checkpoint
 from deit_fast.config import Config, to_dict
+from deit_fast.data_pipeline.files import remove_temporaries
 from deit_fast.data_pipeline.mixup import Mixup
 from deit_fast.distributed import Distributed, StopRequest
 from deit_fast.evaluate import evaluate
@@ -43,6 +44,7 @@ class BatchSource(Protocol):
     ones): batches with images and labels (and a teacher cache's top-k)."""
 
     steps_per_epoch: int
+    items_per_step: int  # samples of a global step: the per-rank batch x the ranks
     bad_files: set[str]  # unreadable files skipped so far
 
     def epoch(self, epoch: int, start_step: int = 0,
@@ -62,7 +64,7 @@ class Trainer:
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.fingerprint, self.classes, self.stop = fingerprint, classes, stop
         self.dist = dist or Distributed(device=device)
-        self.items_per_step = cfg.data.batch_size * self.dist.world_size
+        self.items_per_step = train_loader.items_per_step  # a global step's, all ranks
         self.accum_steps = t.accum_steps
         updates = self.updates_per_epoch = math.ceil(train_loader.steps_per_epoch / t.accum_steps)
         self.schedule = CosineSchedule(
@@ -149,7 +151,7 @@ class Trainer:
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from `state`, the run's checkpoints/last.pt."""
         if self.dist.is_main:
-            checkpoint.remove_stale_temporaries(self.ckpt_dir)
+            remove_temporaries(self.ckpt_dir)
         self.load_state_dict(state, source=str(self.ckpt_dir / "last.pt"))
 
     # ----------------------------------------------------------------- loop

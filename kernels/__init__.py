@@ -1,6 +1,9 @@
 """Triton kernels of deit-fast, each registered as a `deit_fast::` torch.library op.
 
-Each op has a plain torch reference with the same contract; the tests hold them equal.
+This folder is kernels/ at the top of the repository; it imports as deit_fast.kernels
+(deit_fast/__init__.py adds the repository to that package's path in a checkout; the
+wheel installs it as deit_fast/kernels). Each op has a plain torch reference with the same
+contract; the tests hold them equal.
 """
 
 import os

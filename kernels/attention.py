@@ -172,7 +172,7 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 _KERNELS = (_attention_fwd_kernel, _attention_bwd_dq_kernel, _attention_bwd_dkdv_kernel)
 if INTERPRETED:
     # The interpreter cannot autotune; fixed tiles of unequal size still cover every mask.
-    _LAUNCHED = {"tf32": _KERNELS, "ieee": _KERNELS}
+    _LAUNCHED = {"half": _KERNELS, "fp32": _KERNELS}
     _FIXED_TILES = {"BLOCK_M": 64, "BLOCK_N": 32}
 else:
     # Few configs: each compiles per dtype and head dim on the first step, and every one
@@ -183,25 +183,31 @@ else:
         # for dk/dv) stay at 64 or more, what Hopper's wgmma needs (32 rows fall back to
         # mma); the dk/dv kernel keeps two fp32 accumulators, so its 64-row tile takes 8
         # warps (4 spill at head dim 128), and fwd's 2-stage 64x64 tile spills on sm_80.
-        "tf32": ([(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        "half": ([(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
                  [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
                  [(64, 64, 8, 2), (32, 64, 4, 2)]),
         # fp32 (the test path): dots run on FMA with whole operand rows in registers, so
         # small tiles over 8 warps, one config each.
-        "ieee": ([(16, 32, 8, 1)], [(16, 16, 8, 1)], [(16, 32, 8, 1)]),
+        "fp32": ([(16, 32, 8, 1)], [(16, 16, 8, 1)], [(16, 32, 8, 1)]),
     }
     _LAUNCHED = {
-        precision: tuple(
+        table: tuple(
             triton.autotune(_configs(shapes), key=["seq_len", "HEAD_DIM"])(kernel)
             for kernel, shapes in zip(_KERNELS, tiles)
         )
-        for precision, tiles in _TILES.items()
+        for table, tiles in _TILES.items()
     }
     _FIXED_TILES = {}
 
 
+def _tiles(dtype: torch.dtype) -> str:
+    """The tile table of a dtype: fp16/bf16 dots run on tensor cores, fp32 ones on FMA."""
+    return "fp32" if dtype == torch.float32 else "half"
+
+
 def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 stays fp32 (torch's default matmul precision); tf32 would cost ~3 digits.
+    # fp32 stays fp32 (torch's default matmul precision; tf32 would cost ~3 digits); for
+    # fp16/bf16 operands the setting changes nothing
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -212,7 +218,7 @@ def _attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, T
     out = torch.empty((batch, seq_len, num_heads * head_dim), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((batch, num_heads, seq_len), device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_heads)
-    fwd, _, _ = _LAUNCHED[_input_precision(qkv.dtype)]
+    fwd, _, _ = _LAUNCHED[_tiles(qkv.dtype)]
     wrap_triton(fwd)[grid](
         qkv, out, lse, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         seq_len, num_heads, scale * _LOG2E,
@@ -230,7 +236,7 @@ def _attention_bwd(
     dqkv = torch.empty((batch, seq_len, packed), device=qkv.device, dtype=qkv.dtype)
     delta = torch.empty_like(lse)
     precision = _input_precision(qkv.dtype)
-    _, bwd_dq, bwd_dkdv = _LAUNCHED[precision]
+    _, bwd_dq, bwd_dkdv = _LAUNCHED[_tiles(qkv.dtype)]
     grid_m = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_heads)
     wrap_triton(bwd_dq)[grid_m](
         qkv, out, dout, lse, delta, dqkv,

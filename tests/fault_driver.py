@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from deit_fast import checkpoint
 from deit_fast.config import load_config
+from deit_fast.data_pipeline import files
 from deit_fast.run import train
 from tests.helpers import seeded_eval
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                     os.kill(os.getpid(), sig)
                 replace(src, dst)
 
-            checkpoint.os.replace = killing_replace
+            files.os.replace = killing_replace
         else:
             step = train_module.Trainer.train_step
 

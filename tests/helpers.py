@@ -21,7 +21,7 @@ from deit_fast.config import Config, load_config, to_dict
 from deit_fast.data_pipeline import Mixup, PlanParams
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
-from deit_fast.recipe import build_mixup, plan_params
+from deit_fast.resolve import build_mixup, plan_params
 from deit_fast.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ class TensorLoader:
 
     def __init__(self, images, labels, batch_size):
         self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.steps_per_epoch = len(images) // batch_size
+        self.steps_per_epoch, self.items_per_step = len(images) // batch_size, batch_size
         self.bad_files: set[str] = set()
 
     def epoch(self, epoch, start_step=0, start_item=None):
@@ -167,6 +167,6 @@ def tensor_trainer(tmp_path, bad, *extra, precision="fp32"):
     labels = torch.arange(24) % 3
     model = create_model(cfg.model.name, num_classes=3, depth=1)
     mix = recipe_mixup(3, mixup=0.0, cutmix=0.0)
-    loader = TensorLoader(torch.randn(24, 3, 32, 32), labels, 4)
+    loader = TensorLoader(torch.randn(24, 3, 32, 32), labels, cfg.data.batch_size)
     return Trainer(cfg, model, loader, None, PoisonedLoss(bad), mix, torch.device("cpu"),
                    tmp_path)

@@ -15,7 +15,7 @@ from deit_fast.cache_teacher import cache_teacher
 from deit_fast.config import load_config
 from deit_fast.data_pipeline import DatasetIndex, build_train_loader, build_val_loader
 from deit_fast.data_pipeline.teacher_cache import TeacherCache, TeacherCacheMismatch
-from deit_fast.recipe import build_mixup, plan_params
+from deit_fast.resolve import build_mixup, plan_params
 from deit_fast.run import open_teacher_cache, train
 from deit_fast.teacher import TeacherTargets
 from tests.helpers import ROOT, TEACHER, write_tiny_imagefolder

@@ -134,7 +134,7 @@ def test_mixup_takes_the_recipe_from_the_config_alone():
     import inspect
 
     from deit_fast.data_pipeline import Mixup
-    from deit_fast.recipe import build_mixup
+    from deit_fast.resolve import build_mixup
 
     own = {k: p.default for k, p in inspect.signature(Mixup).parameters.items()}
     assert all(v is inspect.Parameter.empty for k, v in own.items() if k != "seed")

@@ -151,6 +151,7 @@ class IndexedLoader:
     def __init__(self, images, labels, batch_size, cache):
         self.images, self.labels, self.batch_size, self.cache = images, labels, batch_size, cache
         self.steps_per_epoch, self.bad_files = len(images) // batch_size, set()
+        self.items_per_step = batch_size
 
     def epoch(self, epoch, start_step=0, start_item=None):
         for step in range(start_step, self.steps_per_epoch):

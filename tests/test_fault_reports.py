@@ -18,7 +18,7 @@ import torch
 
 from deit_fast import checkpoint
 from deit_fast.cli import main
-from deit_fast.data_pipeline.teacher_cache import _write_atomic
+from deit_fast.data_pipeline.teacher_cache import _write
 from deit_fast.distributed import StopRequest
 from deit_fast.metrics import plot_curves, read_metrics
 from deit_fast.models import CheckpointMismatch, create_model, load_checkpoint
@@ -110,7 +110,7 @@ def test_full_disk_names_path_and_cause_and_keeps_previous_files(small_fs, data)
     metrics = small_fs / "metrics.jsonl"
     metrics.write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 0.1}) + "\n")
     plot_curves(metrics, png)
-    _write_atomic(shard, b"old")
+    _write(shard, b"old")
     before = png.read_bytes()
     fill(small_fs)
     with pytest.raises(OSError, match=r"could not write checkpoint '.*last\.pt' \(No space left "
@@ -121,7 +121,7 @@ def test_full_disk_names_path_and_cause_and_keeps_previous_files(small_fs, data)
         plot_curves(metrics, png)
     assert png.read_bytes() == before
     with pytest.raises(OSError, match=r"could not write cache file '.*shard\.bin' \(No space "):
-        _write_atomic(shard, bytes(100_000))
+        _write(shard, bytes(100_000))
     assert shard.read_bytes() == b"old"
     assert sorted(p.name for p in small_fs.iterdir()) == [
         "curves.png", "filler", "last.pt", "metrics.jsonl", "shard.bin"]  # no temporaries

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from deit_fast import checkpoint
+from deit_fast.data_pipeline import files
 from deit_fast.run import train
 from deit_fast.train import BadStepsError
 from tests.helpers import (
@@ -159,12 +160,12 @@ def test_failed_write_in_training_keeps_last_checkpoint_loadable(tmp_path, monke
     if fault == "disk full":
         def fail(*args, **kwargs):
             raise OSError(28, "No space left on device")
-        monkeypatch.setattr(checkpoint.os, "replace", fail)
+        monkeypatch.setattr(files.os, "replace", fail)
         message = "No space left on device"
     else:
         def fail(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
-        monkeypatch.setattr(checkpoint.tempfile, "mkstemp", fail)
+        monkeypatch.setattr(files.tempfile, "mkstemp", fail)
         message = "Permission denied"
     with pytest.raises(OSError, match=f"could not write checkpoint .*last.pt.*{message}.*"
                                       "previous checkpoint is unchanged"):

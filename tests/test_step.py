@@ -14,7 +14,7 @@ from deit_fast.evaluate import evaluate
 from deit_fast.losses import DistillationLoss
 from deit_fast.models import create_model
 from deit_fast.ops import KernelChoice
-from deit_fast.recipe import build_mixup
+from deit_fast.resolve import build_mixup
 from deit_fast.teacher import TeacherTargets
 from deit_fast.train import Trainer
 
@@ -66,7 +66,7 @@ class Loader:
                 labels=torch.randint(0, CLASSES, (batch,), generator=g).to(device),
                 teacher_values=top.values.half().to(device),
                 teacher_indices=top.indices.to(device)))
-        self.steps_per_epoch, self.bad_files = steps, set()
+        self.steps_per_epoch, self.items_per_step, self.bad_files = steps, batch, set()
 
     def epoch(self, epoch, start_step=0, start_item=None):
         yield from self.batches[start_step:]

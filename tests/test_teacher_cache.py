@@ -20,7 +20,7 @@ from deit_fast.data_pipeline.teacher_cache import (
     manifest_header,
     rebuild_distribution,
 )
-from deit_fast.recipe import plan_params
+from deit_fast.resolve import plan_params
 from deit_fast.run import open_teacher_cache
 from tests.helpers import TEACHER, teacher_setup
 

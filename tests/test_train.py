@@ -6,7 +6,7 @@ import torch
 
 from deit_fast import checkpoint
 from deit_fast.config import load_config
-from deit_fast.data_pipeline import Mixup
+from deit_fast.data_pipeline import Mixup, files
 from deit_fast.distributed import Distributed
 from deit_fast.ema import ModelEma
 from deit_fast.losses import DistillationLoss
@@ -164,7 +164,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "replace", disk_full)
+    monkeypatch.setattr(files.os, "replace", disk_full)
     with pytest.raises(OSError, match="could not write checkpoint .*last.pt.*No space left.*"
                                       "previous checkpoint is unchanged"):
         checkpoint.save_atomic({"step": torch.tensor(2)}, path)

@@ -1,7 +1,8 @@
-"""What a config means for the data and the teacher cache, shared by `run` and
-`cache_teacher` (which both import it, and not each other): the device, the dataset root,
-the augmentation plan, Mixup, the views' decoder, V, and the cache's identity and
-geometry."""
+"""What a config resolves to, shared by `run`, `cache_teacher` (which do not import each
+other) and `checkpoint_eval`: the device, the dataset root, the image size, the
+augmentation plan, Mixup, the views' decoder, V, and the teacher cache's identity and
+geometry.
+"""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def cache_geometry(cfg: Config, num_samples: int, world_size: int) -> tuple[int,
     d = cfg.distill
     if d.cache_mode == "views":
         return num_views(cfg), num_samples, d.shard_size
-    step = cfg.data.batch_size * world_size
-    steps = RepeatedAugSampler(num_samples, cfg.data.batch_size, cfg.data.repeats, 0, 0,
-                               world_size).steps_per_epoch
-    return cfg.train.epochs, steps * step, max(1, d.shard_size // step) * step
+    sampler = RepeatedAugSampler(num_samples, cfg.data.batch_size, cfg.data.repeats, 0, 0,
+                                 world_size)
+    step = sampler.items_per_step
+    return cfg.train.epochs, sampler.steps_per_epoch * step, max(1, d.shard_size // step) * step
