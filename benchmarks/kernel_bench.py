@@ -5,7 +5,8 @@ residual+LayerNorm and bias+GELU, forward and forward+backward, and reports the 
 time, TFLOP/s (attention) or GB/s (the memory-bound ops) and the fraction of the peak
 measured in the same run: a large device copy for GB/s, a large bf16 matmul for TFLOP/s.
 Writes kernels_<device>.csv, a .json sidecar (device, versions, date, command, peaks,
-targets) and a .png plot to --out, and prints the table last.
+targets) and a .png plot to --out (default runs/bench/; --out benchmarks/results for the
+committed tables), and prints the table last.
 
     python benchmarks/kernel_bench.py [--smoke] [--out DIR]      (or: deit-fast bench kernels)
 
@@ -39,7 +40,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
-from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
+from benchmarks.run_info import (  # noqa: E402
+    add_out_argument,
+    cuda_or_smoke,
+    device_name,
+    file_stem,
+    run_meta,
+    wrote,
+)
 
 MODELS = {"DeiT-Ti": 3, "DeiT-S": 6, "DeiT-B": 12}
 SDPA_BACKENDS = {
@@ -286,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under the Triton interpreter (for CI)")
-    parser.add_argument("--out", type=Path, default=_HERE / "results",
-                        help="folder for the CSV, JSON and PNG (default: benchmarks/results)")
+    add_out_argument(parser, "the CSV, JSON and PNG")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no new shape after this many seconds; rows so far are kept")
     args = parser.parse_args(argv)
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{name} | torch {meta['torch']} | triton {meta['triton']} | "
           f"copy {peaks['copy_gbps']:.0f} GB/s | matmul {peaks['matmul_tflops']:.1f} TFLOP/s")
-    print(f"wrote {stem}.csv, .json, .png")
+    print(wrote(args.out, [f"{stem.name}.{ext}" for ext in ("csv", "json", "png")]))
     for line in targets:
         print(line)
     print(_table(rows))

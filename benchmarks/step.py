@@ -22,8 +22,9 @@ under --sync-debug) is recorded with its error; the run goes on.
 --sync-debug times the steps under torch.cuda.set_sync_debug_mode("error"): a step that
 waits for the GPU fails its row. Writes step_<device>.csv (after every row, so a killed run
 keeps what it measured), a .json sidecar (device, versions, date, command, peak, FLOPs,
-targets) and a .png bar chart (when matplotlib is importable) to --out, and prints the
-table last. --smoke runs a one-block model at 32 px on the CPU (Triton under the
+targets) and a .png bar chart (when matplotlib is importable) to --out (default
+runs/bench/; --out benchmarks/results for the committed tables), and prints the table
+last. --smoke runs a one-block model at 32 px on the CPU (Triton under the
 interpreter, fp32): its numbers mean nothing, it keeps the script working in CI.
 
 FLOPs per image of a training step: deit_fast/flops.py (the count the trainer logs MFU
@@ -55,7 +56,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
-from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
+from benchmarks.run_info import (  # noqa: E402
+    add_out_argument,
+    cuda_or_smoke,
+    device_name,
+    file_stem,
+    run_meta,
+    wrote,
+)
 from deit_fast import flops as step_flops  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
@@ -391,8 +399,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "sync in a step fails its row")
     parser.add_argument("--smoke", action="store_true",
                         help="a one-block model at 32 px on the CPU, Triton interpreted (CI)")
-    parser.add_argument("--out", type=Path, default=_HERE / "results",
-                        help="folder for the CSV, JSON and PNG (default: benchmarks/results)")
+    add_out_argument(parser, "the CSV, JSON and PNG")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
@@ -480,19 +487,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = _run_rows(args, run, flops, peak, Path(f"{stem}.csv"))
 
     meta["targets"] = [] if args.smoke else targets(rows, args.batch)
+    written = [f"{stem.name}.csv", sidecar.name]
     if importlib.util.find_spec("matplotlib") is not None:
         plot(rows, args.batch, Path(f"{stem}.png"),
              f"deit-fast training step on {name}, {meta['date']}")
         meta["png"] = f"{stem.name}.png"
+        written.append(meta["png"])
     else:
         meta["png"] = "not written: matplotlib is not installed"
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {stem}.csv, {sidecar.name}, png: {meta['png']}")
+    print(wrote(args.out, written))
     for line in meta["targets"]:
         print(line)
     print(header)
     print(table(rows, args.models))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,8 @@ A real step of the same ops can only be slower; torch.compile may fuse more.
 
 Writes traffic.csv (one row per model and setting), traffic_ops.csv (per op, family and
 pass), traffic.md and traffic_families.png (bytes per op family, torch against Triton) to
---out, and prints the table last; the whole run takes about a minute on one CPU core.
+--out (default runs/bench/; --out benchmarks/results replaces the committed tables), and
+prints the table last; the whole run takes about a minute on one CPU core.
 --compare prints a step benchmark's img/s beside the bound of the same kernels on the
 same GPU, read from the committed table (scripts/gpu_check.sh runs it).
 """
@@ -47,7 +48,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks import step as step_bench  # noqa: E402
-from benchmarks.run_info import run_meta  # noqa: E402
+from benchmarks.run_info import add_out_argument, run_meta, wrote  # noqa: E402
 from benchmarks.traffic_count import FAMILIES, OpCount, count_step  # noqa: E402
 from deit_fast.flops import KNOWN_PEAK_TFLOPS  # noqa: E402
 from deit_fast.ops import KernelChoice, resolve_kernels  # noqa: E402
@@ -248,8 +249,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help="comma-separated, from: " + ", ".join(SETTINGS))
     parser.add_argument("--batch", type=int, default=BATCH, help="images per step")
-    parser.add_argument("--out", type=Path, default=_HERE / "results",
-                        help="folder for the tables and the chart (default: benchmarks/results)")
+    add_out_argument(parser, "the tables and the chart")
     parser.add_argument("--compare", type=Path, metavar="STEP_CSV",
                         help="print this step benchmark CSV's img/s beside the bounds, and exit")
     parser.add_argument("--bounds", type=Path, default=_HERE / "results" / "traffic.csv",
@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, meta)
     (args.out / "traffic.md").write_text(table)
     plot(rows, args.out / "traffic_families.png")
-    print(f"wrote traffic.csv, traffic_ops.csv, traffic.md and traffic_families.png to {args.out}")
+    print(wrote(args.out, ["traffic.csv", "traffic_ops.csv", "traffic.md",
+                           "traffic_families.png"]))
     print(table)
     return 0
 
