@@ -352,7 +352,8 @@ def _summary(results: list[Result], jobs: list[Job]) -> list[str]:
 
 
 def _markdown(results: list[Result], jobs: list[Job], meta: dict) -> str:
-    head = [f"# Compile check: {', '.join(f'sm_{a}' for a in meta['archs'])}", "",
+    subset = ", quick subset (bf16 and bf16 autocast, DeiT shapes)" if meta["quick"] else ""
+    head = [f"# Compile check: {', '.join(f'sm_{a}' for a in meta['archs'])}{subset}", "",
             f"triton {meta['triton']} (ptxas {meta['ptxas']}), torch {meta['torch']}, "
             f"{meta['date']}, {meta['cpus']}", "", f"`{meta['command']}`", "",
             "## Summary", ""]
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name in unlaunched]
         meta = pool.submit(_versions).result()
 
-    meta = {**run_meta("none", "compile.py", argv), **meta, "archs": archs,
+    meta = {**run_meta("none", "compile.py", argv), **meta, "archs": archs, "quick": args.quick,
             "cpus": f"{args.jobs} compile processes, {time.perf_counter() - start:.0f} s wall"}
     stem = "compile_" + "_".join(f"sm{a}" for a in archs) + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,9 @@ Weights are random: only time matters.
     deit-fast bench distill --threads 1              (CPU: the demo's models, 32 px, fp32)
     [--img-size S] [--classes C] [--topk K] [--steps N] [--warmup W] [--out DIR]
 
-Writes distill_<device>.csv to --out (default runs/bench/; --out benchmarks/results for the
-committed tables) and prints the table last.
+Writes distill_<device>.csv (one row per distillation, with the student, teacher, image
+size, batch, precision and machine that ran it) to --out (default runs/bench/; --out
+benchmarks/results for the committed tables) and prints the table last.
 """
 
 from __future__ import annotations
@@ -140,12 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         row["vs_cached"] = round(row["ms_per_step"] / cached, 2)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads"
+    ran = {"student": args.student, "teacher": args.teacher, "img_size": size,
+           "classes": args.classes, "batch": args.batch, "precision": precision,
+           "machine": machine, "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"distill_{device.type}.csv"
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], *ran])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **ran} for row in rows)
     print(f"student {args.student}, teacher {args.teacher}, {size} px, {args.classes} classes, "
           f"batch {args.batch}, {precision}, {machine}, torch {torch.__version__}; "
           f"Trainer.train_step, median of {args.steps} steps; cache lookup of a batch (top-"

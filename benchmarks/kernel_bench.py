@@ -10,8 +10,9 @@ committed tables), and prints the table last.
 
     python benchmarks/kernel_bench.py [--smoke] [--out DIR]      (or: deit-fast bench kernels)
 
---smoke runs tiny shapes on the CPU under the Triton interpreter: its numbers mean
-nothing, it keeps the script working in CI.
+--smoke runs one tiny shape (batch 1, N 17, 2 heads of 32) on the CPU under the Triton
+interpreter, its rows labelled "smoke": its numbers mean nothing, it keeps the script
+working in CI.
 
 Work is counted as what the op must do, the same for every implementation: attention
 forward 4*B*H*N^2*D FLOPs and forward+backward 3x that (no recomputation counted);

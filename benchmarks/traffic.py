@@ -220,16 +220,18 @@ def compare(step_csv: Path, bounds_csv: Path) -> str:
     device = json.loads(step_csv.with_suffix(".json").read_text())["device"]
     gpu = next((key for key in ("h100", "h200") if key.upper() in device), None)
     source = HARDWARE[gpu][2] if gpu else "none for this device (the table has H100, H200)"
+    width = max([8, *(len(r["model"]) + 1 for r in measured)])
     lines = [f"bounds: {bounds_csv}, {source}; measured: {step_csv.name} on {device}; "
              "compiled rows may pass the bound (it counts the uncompiled ops)",
-             f"{'model':<8}{'setting':<26}{'batch':>6}{'img/s':>9}{'bound':>9}{'of bound':>9}"]
+             f"{'model':<{width}}{'setting':<26}{'batch':>6}{'img/s':>9}{'bound':>9}"
+             f"{'of bound':>9}"]
     for r in measured:
         bound = bounds.get((r["model"], r["kernels"])) if gpu else None
         limit = bound[f"img_per_s_{gpu}"] if bound and r["batch"] == bound["batch"] else ""
         share = f"{float(r['img_per_s']) / float(limit):.0%}" if limit and r["img_per_s"] \
             else ""
         status = "" if r["status"] == "ok" else f"  {r['status'][:60]}"
-        lines.append(f"{r['model']:<8}{r['setting']:<26}{r['batch']:>6}{r['img_per_s']:>9}"
+        lines.append(f"{r['model']:<{width}}{r['setting']:<26}{r['batch']:>6}{r['img_per_s']:>9}"
                      f"{limit:>9}{share:>9}{status}")
     return "\n".join(lines)
 
