@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from deit_fast.cli import main
+from deit_fast.cli import BENCHMARKS, main
 from deit_fast.models import create_model
 from tests.helpers import write_tiny_imagefolder
 
@@ -62,3 +62,12 @@ def test_bench_names_run_their_scripts_which_write_to_runs_bench(capfd):
         out = " ".join(capfd.readouterr().out.split())  # argparse wraps to the terminal
         assert "usage:" in out, name
         assert "default: runs/bench/" in out and "--out benchmarks/results" in out, name
+
+
+def test_readme_lists_every_bench_name_with_its_script():
+    readme = (REPO / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("deit-fast bench ")]
+    assert line.split()[2].split("|") == list(BENCHMARKS)
+    cells = [[c.strip(" `") for c in x.strip("|").split("|")] for x in readme.splitlines()
+             if x.startswith("| `")]
+    assert {c[0]: c[1] for c in cells if c[1].endswith(".py")} == BENCHMARKS  # its table
