@@ -64,9 +64,10 @@ def _run_benchmark(name: str, args: list[str]) -> int:
     from deit_fast import REPOSITORY
 
     if REPOSITORY is None:
-        print(f"deit-fast bench {name}: the benchmarks ship with the source, not the wheel: "
-              "run it from a checkout of deit-fast (git clone, then pip install -e .), where "
-              f"it is benchmarks/{BENCHMARKS[name]}", file=sys.stderr)
+        print(f"deit-fast bench {name}: the benchmarks ship with deit-fast's source checkout, "
+              "not with this installed package; in a checkout, run "
+              f"`python benchmarks/{BENCHMARKS[name]}` (or `deit-fast bench {name}` after "
+              "`pip install -e .` there)", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, str(REPOSITORY / "benchmarks" / BENCHMARKS[name]),
                             *args])
