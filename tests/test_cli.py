@@ -71,3 +71,17 @@ def test_readme_lists_every_bench_name_with_its_script():
     cells = [[c.strip(" `") for c in x.strip("|").split("|")] for x in readme.splitlines()
              if x.startswith("| `")]
     assert {c[0]: c[1] for c in cells if c[1].endswith(".py")} == BENCHMARKS  # its table
+
+
+def test_ablation_writes_its_table_beside_its_runs_unless_given_one(monkeypatch, tmp_path):
+    import deit_fast.ablation
+
+    tables = []
+    monkeypatch.setattr(deit_fast.ablation, "run_ablation",
+                        lambda output_dir, overrides, table, select: tables.append(table) or {})
+    assert main(["demo", "--ablation", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--ablation", "--select", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--ablation", "--table", str(tmp_path / "t.md")]) == 0
+    assert [str(t) for t in tables] == [str(tmp_path / "distill_ablation.md"),
+                                        str(tmp_path / "distill_selection.md"),
+                                        str(tmp_path / "t.md")]
