@@ -86,7 +86,7 @@ def _shapes(smoke: bool) -> list[Shape]:
     if smoke:
         return [Shape("smoke", 1, 17, 2, 32)]
     # DeiT-S and DeiT-B carry the targets, so they run first when time is short.
-    order = sorted(MODELS.items(), key=lambda item: item[0] not in ("small", "base"))
+    order = sorted(MODELS.items(), key=lambda item: item[0] not in ("DeiT-S", "DeiT-B"))
     return [Shape(m, 256, n, h, 64) for m, h in order for n in (197, 198)]
 
 

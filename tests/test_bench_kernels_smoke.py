@@ -32,3 +32,10 @@ def test_smoke_run_writes_csv_json_and_plot(tmp_path: Path) -> None:
     assert {"device", "torch", "triton", "date", "command"} <= meta.keys()
     assert (tmp_path / "kernels_smoke.png").stat().st_size > 0
     assert done.stdout.rstrip().splitlines()[-1].startswith("bias_gelu")  # the table comes last
+
+
+def test_the_shapes_with_targets_run_first() -> None:
+    from benchmarks.kernel_bench import _shapes
+
+    assert [s.model for s in _shapes(smoke=False)] == ["DeiT-S", "DeiT-S", "DeiT-B", "DeiT-B",
+                                                       "DeiT-Ti", "DeiT-Ti"]
