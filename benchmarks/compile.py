@@ -15,8 +15,7 @@ cores (wgmma/HGMMA on sm_90, mma/HMMA on sm_80, from the PTX and the SASS), comp
 --quick is the CI subset: sm_90, bf16 and bf16 autocast, DeiT shapes. The run fails
 (exit 1) when a compile fails, spills, needs more shared memory than the arch has, or runs
 a bf16/fp16 dot off the tensor cores. Writes compile_<archs>[_quick].md and .csv to --out
-(default runs/bench/; --out benchmarks/results for the committed tables) and prints the
-table last. Compiles run in worker processes with TRITON_INTERPRET unset.
+and prints the table last. Compiles run in worker processes with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations

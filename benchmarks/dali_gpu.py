@@ -18,9 +18,8 @@ CPU JPEG decoders and resamplers differ by rounding, not by content.
                                   [--workers N] [--warmup 4] [--steps 16] [--out DIR]
     python benchmarks/dali_gpu.py --smoke   # CPU graph on 24 images (for CI)
 
-Writes dali_<device>.csv and .json (device, versions, date, command) to --out (default
-runs/bench/; --out benchmarks/results for the committed tables) and prints the table
-last. Exits 1 when the check fails, 2 when DALI or the GPU is missing.
+Writes dali_<device>.csv and .json (device, versions, date, command) to --out and prints
+the table last. Exits 1 when the check fails, 2 when DALI or the GPU is missing.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 
 Loaders: the torch fallback, DALI on the CPU and, with a GPU, DALI on the GPU, each with
 the DeiT recipe (RandomResizedCrop 224, flip, rand-m9-mstd0.5-inc1, erasing 0.25) and the
-same number of CPU workers. Writes data_loaders.csv (or data_index.csv) to --out (default
-runs/bench/; --out benchmarks/results for the committed tables) and prints the table last.
+same number of CPU workers. Writes data_loaders.csv (or data_index.csv) to --out and prints
+the table last.
 """
 
 from __future__ import annotations

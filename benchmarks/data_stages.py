@@ -10,8 +10,8 @@ difference between prefixes. Each RandAugment op runs alone on every image of a 
 the same 224x224 crops, less the cost of the identity. PIL rows run the fallback's steps
 image by image on one thread. CPU time counts every thread and worker process (Linux
 /proc), so the two compare whatever the thread count; the least of `--rounds` rounds is
-reported, as a busy machine only ever adds time. Writes data_stages.csv to --out (default
-runs/bench/; --out benchmarks/results for the committed tables) and prints the table last.
+reported, as a busy machine only ever adds time. Writes data_stages.csv to --out and
+prints the table last.
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ Weights are random: only time matters.
     [--img-size S] [--classes C] [--topk K] [--steps N] [--warmup W] [--out DIR]
 
 Writes distill_<device>.csv (one row per distillation, with the student, teacher, image
-size, batch, precision and machine that ran it) to --out (default runs/bench/; --out
-benchmarks/results for the committed tables) and prints the table last.
+size, batch, precision and machine that ran it) to --out and prints the table last.
 """
 
 from __future__ import annotations

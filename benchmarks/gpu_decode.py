@@ -15,8 +15,7 @@ not used here; where it is installed, benchmarks/data.py measures the full loade
     (--smoke: a few small images, CPU decoders only; for CI)
 
 Writes decode_<device>.csv and a .json sidecar (device, versions, date, command, image
-size, mean bytes) to --out (default runs/bench/; --out benchmarks/results for the committed
-tables), and prints the table last.
+size, mean bytes) to --out, and prints the table last.
 """
 
 from __future__ import annotations

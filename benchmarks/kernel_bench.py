@@ -5,8 +5,7 @@ residual+LayerNorm and bias+GELU, forward and forward+backward, and reports the 
 time, TFLOP/s (attention) or GB/s (the memory-bound ops) and the fraction of the peak
 measured in the same run: a large device copy for GB/s, a large bf16 matmul for TFLOP/s.
 Writes kernels_<device>.csv, a .json sidecar (device, versions, date, command, peaks,
-targets) and a .png plot to --out (default runs/bench/; --out benchmarks/results for the
-committed tables), and prints the table last.
+targets) and a .png plot to --out, and prints the table last.
 
     python benchmarks/kernel_bench.py [--smoke] [--out DIR]      (or: deit-fast bench kernels)
 

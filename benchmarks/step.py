@@ -22,11 +22,10 @@ under --sync-debug) is recorded with its error; the run goes on.
 --sync-debug times the steps under torch.cuda.set_sync_debug_mode("error"): a step that
 waits for the GPU fails its row. Writes step_<device>.csv (after every row, so a killed run
 keeps what it measured), a .json sidecar (device, versions, date, command, peak, FLOPs,
-targets) and a .png bar chart (when matplotlib is importable) to --out (default
-runs/bench/; --out benchmarks/results for the committed tables), and prints the table
-last. --smoke runs DeiT-Ti's width with one block at 32 px on the CPU (Triton under the
-interpreter, fp32), its rows labelled "smoke: 1 block, 32 px": its numbers mean nothing,
-it keeps the script working in CI.
+targets) and a .png bar chart (when matplotlib is importable) to --out, and prints the
+table last. --smoke runs DeiT-Ti's width with one block at 32 px on the CPU (Triton under
+the interpreter, fp32), its rows labelled so: its numbers mean nothing, it keeps the script
+working in CI.
 
 FLOPs per image of a training step: deit_fast/flops.py (the count the trainer logs MFU
 with); timm's model is the same network, so the same count is used for it.

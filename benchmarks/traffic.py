@@ -23,8 +23,7 @@ A real step of the same ops can only be slower; torch.compile may fuse more.
 
 Writes traffic.csv (one row per model and setting), traffic_ops.csv (per op, family and
 pass), traffic.md and traffic_families.png (bytes per op family, torch against Triton) to
---out (default runs/bench/; --out benchmarks/results replaces the committed tables), and
-prints the table last; the whole run takes about a minute on one CPU core.
+--out, and prints the table last; the whole run takes about a minute on one CPU core.
 --compare prints a step benchmark's img/s beside the bound of the same kernels on the
 same GPU, read from the committed table (scripts/gpu_check.sh runs it).
 """
