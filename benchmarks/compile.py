@@ -14,8 +14,8 @@ cores (wgmma/HGMMA on sm_90, mma/HMMA on sm_80, from the PTX and the SASS), comp
 
 --quick is the CI subset: sm_90, bf16 and bf16 autocast, DeiT shapes. The run fails
 (exit 1) when a compile fails, spills, needs more shared memory than the arch has, or runs
-a bf16/fp16 dot off the tensor cores. Writes compile_<archs>.md and .csv to --out and
-prints the table last. Compiles run in worker processes with TRITON_INTERPRET unset.
+a bf16/fp16 dot off the tensor cores. Writes compile_<archs>[_quick].md and .csv to --out
+and prints the table last. Compiles run in worker processes with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repository, not benchmarks/
+
+from benchmarks.run_info import add_out_argument, run_meta, wrote  # noqa: E402
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block
 TENSOR_CORE_SASS = {90: "HGMMA", 80: "HMMA"}
@@ -349,7 +351,8 @@ def _summary(results: list[Result], jobs: list[Job]) -> list[str]:
 
 
 def _markdown(results: list[Result], jobs: list[Job], meta: dict) -> str:
-    head = [f"# Compile check: {', '.join(f'sm_{a}' for a in meta['archs'])}", "",
+    subset = ", quick subset (bf16 and bf16 autocast, DeiT shapes)" if meta["quick"] else ""
+    head = [f"# Compile check: {', '.join(f'sm_{a}' for a in meta['archs'])}{subset}", "",
             f"triton {meta['triton']} (ptxas {meta['ptxas']}), torch {meta['torch']}, "
             f"{meta['date']}, {meta['cpus']}", "", f"`{meta['command']}`", "",
             "## Summary", ""]
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capabilities (default 90 80; 90 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="CI subset: bf16 and bf16 autocast at the DeiT shapes")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_out_argument(parser, "the markdown table and the CSV")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compile processes")
     args = parser.parse_args(argv)
@@ -401,9 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name in unlaunched]
         meta = pool.submit(_versions).result()
 
-    from benchmarks.run_info import run_meta
-
-    meta = {**run_meta("none", "compile.py", argv), **meta, "archs": archs,
+    meta = {**run_meta("none", "compile.py", argv), **meta, "archs": archs, "quick": args.quick,
             "cpus": f"{args.jobs} compile processes, {time.perf_counter() - start:.0f} s wall"}
     stem = "compile_" + "_".join(f"sm{a}" for a in archs) + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -415,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(_summary(results, jobs)) + "\n")
     _print_table(results)
     bad = [r for r in results if r.status != "ok"]
-    print(f"\n{len(results)} compiles, {len(bad)} failing; written to {args.out / stem}.md",
-          file=sys.stderr)
+    print(f"\n{len(results)} compiles, {len(bad)} failing; "
+          f"{wrote(args.out, [f'{stem}.md', f'{stem}.csv'])}", file=sys.stderr)
     return 1 if bad else 0
 
 

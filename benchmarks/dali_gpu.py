@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, not benchmarks/
 
 from benchmarks.data import make_imagenet_like  # noqa: E402
-from benchmarks.run_info import file_stem, run_meta  # noqa: E402
+from benchmarks.run_info import add_out_argument, file_stem, run_meta, wrote  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
 from deit_fast.data_pipeline import (  # noqa: E402
     DatasetIndex,
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="img/s to reach (the DeiT-S step target)")
     parser.add_argument("--smoke", action="store_true",
                         help="the CPU graph (device_id=None) on 24 images, for CI")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out_argument(parser, "the CSV and JSON")
     args = parser.parse_args(argv)
     try:
         import nvidia.dali
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_cores": os.cpu_count(), "jpeg": "500x375 q90", "check": check}
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    print(f"wrote {stem}.csv, .json")
+    print(wrote(args.out, [f"{stem.name}.csv", f"{stem.name}.json"]))
     print(f"CHECK: {'ok' if check['ok'] else 'FAILED'}: {check['images']} images vs the CPU "
           f"graph: same samples {check['same_samples']}, PSNR min {check['psnr_min']:.1f} dB "
           f"(>= {args.min_psnr}), median {check['psnr_median']:.1f}, max |diff| "

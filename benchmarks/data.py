@@ -1,12 +1,13 @@
 """Data-pipeline benchmark: img/s of each loader backend on the same files, and index rate.
 
-    python benchmarks/data.py                    # loaders on 512 generated 500x375 JPEGs
+    python benchmarks/data.py                    # loaders on 1024 generated 500x375 JPEGs
     python benchmarks/data.py --what index       # DatasetIndex on 100k generated small files
-    python benchmarks/data.py --data-path /data/imagenet --workers 8 [--csv FILE]
+    python benchmarks/data.py --data-path /data/imagenet --workers 8 [--out DIR]
 
 Loaders: the torch fallback, DALI on the CPU and, with a GPU, DALI on the GPU, each with
 the DeiT recipe (RandomResizedCrop 224, flip, rand-m9-mstd0.5-inc1, erasing 0.25) and the
-same number of CPU workers. Prints a table last and writes it as CSV.
+same number of CPU workers. Writes data_loaders.csv (or data_index.csv) to --out and prints
+the table last.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.run_info import add_out_argument, wrote  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
 from deit_fast.data_pipeline import DatasetIndex, build_train_loader  # noqa: E402
 from deit_fast.run import plan_params  # noqa: E402
@@ -201,12 +203,14 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(row[k]).ljust(w) for k, w in zip(keys, widths)))
 
 
-def report(rows: list[dict], csv_path: str, unit: str = "") -> None:
-    """Write rows as CSV, then print the machine line and the table (last, for logs)."""
-    with open(csv_path, "w", newline="") as f:
+def report(rows: list[dict], out: Path, name: str, unit: str = "") -> None:
+    """Write rows as out/name, then print where, the machine line and the table (last)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / name, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    print(wrote(out, [name]))
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}{unit}")
     print_table(rows)
 
@@ -225,9 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=4, help="batches before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed batches")
     parser.add_argument("--rounds", type=int, default=3, help="turns each backend takes")
-    parser.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results"
-                                              / "data_benchmark.csv"),
-                        help="where the table goes (default: benchmarks/results/)")
+    add_out_argument(parser, "the CSV")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if not args.data_path:
                 make_imagenet_like(root, args.images)
             rows = bench_loaders(DatasetIndex.from_folder(root, "train"), args)
-    report(rows, args.csv)
+    report(rows, args.out, f"data_{args.what}.csv")
     return rows
 
 

@@ -2,7 +2,7 @@
 fallback's PIL path, in CPU ms per image, on the same files and the same plan.
 
     python benchmarks/data_stages.py                 # 512 generated 500x375 JPEGs
-    python benchmarks/data_stages.py --data-path /data/imagenet --batches 20
+    python benchmarks/data_stages.py --data-path /data/imagenet --batches 20 [--out DIR]
 
 DALI rows run graph prefixes (ROI decode; + cubic resize; + flip and normalize; + each
 the full train graph) through `pipe.run` on `--threads` threads; a stage's cost is the
@@ -10,7 +10,8 @@ difference between prefixes. Each RandAugment op runs alone on every image of a 
 the same 224x224 crops, less the cost of the identity. PIL rows run the fallback's steps
 image by image on one thread. CPU time counts every thread and worker process (Linux
 /proc), so the two compare whatever the thread count; the least of `--rounds` rounds is
-reported, as a busy machine only ever adds time.
+reported, as a busy machine only ever adds time. Writes data_stages.csv to --out and
+prints the table last.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,10 +32,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from data import cpu_seconds, make_imagenet_like, report  # noqa: E402
-
+from benchmarks.data import cpu_seconds, make_imagenet_like, report  # noqa: E402
+from benchmarks.run_info import add_out_argument  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
 from deit_fast.data_pipeline import DatasetIndex, PlanParams  # noqa: E402
 from deit_fast.data_pipeline.dataset import probe_image  # noqa: E402
@@ -195,9 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI threads")
     parser.add_argument("--rand-augment", default="rand-m9-mstd0.5-inc1")
-    parser.add_argument("--csv", default=str(Path(__file__).resolve().parent / "results"
-                                              / "data_stages.csv"),
-                        help="where the table goes (default: benchmarks/results/)")
+    add_out_argument(parser, "the CSV")
     args = parser.parse_args(argv)
 
     params = dataclasses.replace(plan_params(Config()), rand_augment=args.rand_augment)
@@ -219,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
          "dali/pil": round(dali[name] / pil[name], 2) if pil[name] >= 0.05 else "-"}
         for name in pil
     ]
-    report(rows, args.csv, ", CPU ms per image")
+    report(rows, args.out, "data_stages.csv", ", CPU ms per image")
     return rows
 
 

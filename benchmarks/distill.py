@@ -14,7 +14,8 @@ Weights are random: only time matters.
     deit-fast bench distill --threads 1              (CPU: the demo's models, 32 px, fp32)
     [--img-size S] [--classes C] [--topk K] [--steps N] [--warmup W] [--out DIR]
 
-Writes distill_<device>.csv to --out and prints the table last.
+Writes distill_<device>.csv (one row per distillation, with the student, teacher, image
+size, batch, precision and machine that ran it) to --out and prints the table last.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, not benchmarks/
 
+from benchmarks.run_info import add_out_argument, wrote  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
 from deit_fast.data_pipeline.teacher_cache import ShardWriter, TeacherCache, manifest_header  # noqa: E402
 from deit_fast.losses import DistillationLoss  # noqa: E402
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_out_argument(parser, "the CSV")
     args = parser.parse_args(argv)
     import timm
 
@@ -141,17 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         row["vs_cached"] = round(row["ms_per_step"] / cached, 2)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"distill_{device.type}.csv"
+    ran = {"student": args.student, "teacher": args.teacher, "img_size": size,
+           "classes": args.classes, "batch": args.batch, "precision": precision,
+           "machine": machine, "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"distill_{device.type}.csv"
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], *ran])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **ran} for row in rows)
     print(f"student {args.student}, teacher {args.teacher}, {size} px, {args.classes} classes, "
           f"batch {args.batch}, {precision}, {machine}, torch {torch.__version__}; "
           f"Trainer.train_step, median of {args.steps} steps; cache lookup of a batch (top-"
-          f"{args.topk}, in a loader worker, off the step): {1000 * lookup:.2f} ms; wrote {path}")
+          f"{args.topk}, in a loader worker, off the step): {1000 * lookup:.2f} ms")
+    print(wrote(args.out, [path.name]))
     print(f"{'distillation':<24}{'ms/step':>10}{'img/s':>10}{'vs cached':>11}")
     for row in rows:
         print(f"{row['distillation']:<24}{row['ms_per_step']:>10}{row['img_per_s']:>10}"

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -41,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, not benchmarks/
+
+from benchmarks.run_info import add_out_argument, file_stem, wrote  # noqa: E402
 
 
 def make_jpegs(count: int, width: int, height: int, seed: int = 0) -> list[bytes]:
@@ -158,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed passes over all images")
     parser.add_argument("--smoke", action="store_true",
                         help="8 small images, CPU decoders only (for CI)")
-    parser.add_argument("--out", type=Path, default=_HERE / "results",
-                        help="folder for the CSV and JSON (default: benchmarks/results)")
+    add_out_argument(parser, "the CSV and JSON")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     batches = [int(b) for b in args.batches.split(",")]
@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(jpegs, batches, args.reps, cuda)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    stem = args.out / f"decode_{slug}"
+    stem = args.out / f"decode_{file_stem(name, args.smoke)}"
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_bytes": round(sum(map(len, jpegs)) / len(jpegs)), "reps": args.reps,
     }
     Path(f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {stem}.csv, .json")
+    print(wrote(args.out, [f"{stem.name}.csv", f"{stem.name}.json"]))
     best = max((r for r in rows if r["backend"] == "torchvision-cuda" and r["img_per_s"]),
                key=lambda r: r["img_per_s"], default=None)
     threads = next((r["img_per_s"] for r in rows if r["backend"] == "pil-threads"), None)

@@ -9,8 +9,9 @@ targets) and a .png plot to --out, and prints the table last.
 
     python benchmarks/kernel_bench.py [--smoke] [--out DIR]      (or: deit-fast bench kernels)
 
---smoke runs tiny shapes on the CPU under the Triton interpreter: its numbers mean
-nothing, it keeps the script working in CI.
+--smoke runs one tiny shape (batch 1, N 17, 2 heads of 32) on the CPU under the Triton
+interpreter, its rows labelled "smoke": its numbers mean nothing, it keeps the script
+working in CI.
 
 Work is counted as what the op must do, the same for every implementation: attention
 forward 4*B*H*N^2*D FLOPs and forward+backward 3x that (no recomputation counted);
@@ -39,7 +40,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
-from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
+from benchmarks.run_info import (  # noqa: E402
+    add_out_argument,
+    cuda_or_smoke,
+    device_name,
+    file_stem,
+    run_meta,
+    wrote,
+)
 
 MODELS = {"DeiT-Ti": 3, "DeiT-S": 6, "DeiT-B": 12}
 SDPA_BACKENDS = {
@@ -77,7 +85,7 @@ def _shapes(smoke: bool) -> list[Shape]:
     if smoke:
         return [Shape("smoke", 1, 17, 2, 32)]
     # DeiT-S and DeiT-B carry the targets, so they run first when time is short.
-    order = sorted(MODELS.items(), key=lambda item: item[0] not in ("small", "base"))
+    order = sorted(MODELS.items(), key=lambda item: item[0] not in ("DeiT-S", "DeiT-B"))
     return [Shape(m, 256, n, h, 64) for m, h in order for n in (197, 198)]
 
 
@@ -286,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under the Triton interpreter (for CI)")
-    parser.add_argument("--out", type=Path, default=_HERE / "results",
-                        help="folder for the CSV, JSON and PNG (default: benchmarks/results)")
+    add_out_argument(parser, "the CSV, JSON and PNG")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no new shape after this many seconds; rows so far are kept")
     args = parser.parse_args(argv)
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{name} | torch {meta['torch']} | triton {meta['triton']} | "
           f"copy {peaks['copy_gbps']:.0f} GB/s | matmul {peaks['matmul_tflops']:.1f} TFLOP/s")
-    print(f"wrote {stem}.csv, .json, .png")
+    print(wrote(args.out, [f"{stem.name}.{ext}" for ext in ("csv", "json", "png")]))
     for line in targets:
         print(line)
     print(_table(rows))

@@ -1,16 +1,36 @@
-"""What the GPU benchmarks share: the CUDA-or-smoke choice, and the device, versions, date
-and command recorded beside their numbers. Imported as `benchmarks.run_info` once a
-script has put the repository root at the head of sys.path."""
+"""What the benchmarks share: where they write, the CUDA-or-smoke choice, and the device,
+versions, date and command recorded beside their numbers. Imported as
+`benchmarks.run_info` once a script has put the repository root at the head of sys.path."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import re
 import sys
+from pathlib import Path
 
 import torch
+
+# Every benchmark writes here unless given --out: runs/ is in .gitignore, so a run (smoke,
+# quick or full, on any machine) leaves the committed tables in benchmarks/results/ as they
+# are; a measurement joins them only when asked, with --out benchmarks/results.
+DEFAULT_OUT = Path("runs") / "bench"
+
+
+def add_out_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """The --out option every benchmark takes, with the rule above in its help."""
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"folder for {what} (default: {DEFAULT_OUT}/ under the current "
+                             "folder, untracked; --out benchmarks/results to add to or "
+                             "replace the committed tables)")
+
+
+def wrote(out: Path, names: list[str]) -> str:
+    """The line that says where a run's files went."""
+    return f"wrote {', '.join(names)} to {out.resolve()}"
 
 
 def cuda_or_smoke(script: str, smoke: bool, smoke_runs: str) -> bool | None:

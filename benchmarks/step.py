@@ -23,8 +23,9 @@ under --sync-debug) is recorded with its error; the run goes on.
 waits for the GPU fails its row. Writes step_<device>.csv (after every row, so a killed run
 keeps what it measured), a .json sidecar (device, versions, date, command, peak, FLOPs,
 targets) and a .png bar chart (when matplotlib is importable) to --out, and prints the
-table last. --smoke runs a one-block model at 32 px on the CPU (Triton under the
-interpreter, fp32): its numbers mean nothing, it keeps the script working in CI.
+table last. --smoke runs DeiT-Ti's width with one block at 32 px on the CPU (Triton under
+the interpreter, fp32), its rows labelled so: its numbers mean nothing, it keeps the script
+working in CI.
 
 FLOPs per image of a training step: deit_fast/flops.py (the count the trainer logs MFU
 with); timm's model is the same network, so the same count is used for it.
@@ -55,7 +56,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
-from benchmarks.run_info import cuda_or_smoke, device_name, file_stem, run_meta  # noqa: E402
+from benchmarks.run_info import (  # noqa: E402
+    add_out_argument,
+    cuda_or_smoke,
+    device_name,
+    file_stem,
+    run_meta,
+    wrote,
+)
 from deit_fast import flops as step_flops  # noqa: E402
 from deit_fast.config import load_config  # noqa: E402
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss  # noqa: E402
@@ -68,6 +76,8 @@ from deit_fast.train import Trainer  # noqa: E402
 MODELS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224",
           "base": "deit_base_patch16_224"}
 LABELS = {"tiny": "DeiT-Ti", "small": "DeiT-S", "base": "DeiT-B"}
+SMOKE = {"img_size": 32, "depth": 1}  # --smoke's model: DeiT-Ti's width, one block, 32 px
+SMOKE_LABEL = "smoke: 1 block, 32 px"
 TRITON = KernelChoice("triton", "triton", "triton")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -113,6 +123,11 @@ class Run:
     overrides: dict[str, Any] = field(default_factory=dict)  # model shape changes (smoke)
     distill: str = "none"
     sync_debug: bool = False
+
+
+def model_label(model_key: str, run: Run) -> str:
+    """The rows' model: DeiT-Ti/S/B, or the smoke label for a model cut down to SMOKE."""
+    return SMOKE_LABEL if run.overrides == SMOKE else LABELS[model_key]
 
 
 def train_flops_per_image(name: str, overrides: dict[str, Any]) -> float:
@@ -237,10 +252,10 @@ def describe_kernels(kernels: KernelChoice | None) -> str:
     return f"attention={kernels.attention} layernorm={kernels.layernorm} gelu={kernels.gelu}"
 
 
-def blank_row(setting: Setting, model_key: str, batch: int, status: str) -> dict[str, Any]:
+def blank_row(setting: Setting, label: str, batch: int, status: str) -> dict[str, Any]:
     """A CSV row with no measurement yet."""
     return {
-        "model": LABELS.get(model_key, model_key), "setting": setting.name,
+        "model": label, "setting": setting.name,
         "source": setting.source, "kernels": describe_kernels(setting.kernels),
         "sdpa_backend": setting.sdpa_backend or "default", "compiled": setting.compiled,
         "batch": batch, "img_per_s": "", "step_ms": "", "mfu": "", "peak_mem_gib": "",
@@ -251,7 +266,7 @@ def blank_row(setting: Setting, model_key: str, batch: int, status: str) -> dict
 def measure_row(setting: Setting, model_key: str, batch: int, run: Run, flops: float,
                 peak_tflops: float) -> dict[str, Any]:
     """One CSV row; a failure (OOM, compile error...) is recorded in `status`, not raised."""
-    row = blank_row(setting, model_key, batch, "ok")
+    row = blank_row(setting, model_label(model_key, run), batch, "ok")
     try:
         result = _measure(setting, model_key, batch, run)
     except torch.cuda.OutOfMemoryError:
@@ -269,7 +284,7 @@ def measure_row(setting: Setting, model_key: str, batch: int, run: Run, flops: f
         gc.collect()
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"{row['model']:<8}{row['setting']:<24}batch {batch:<6}{row['img_per_s']!s:>10} img/s"
+    print(f"{row['model']:<8} {row['setting']:<24}batch {batch:<6}{row['img_per_s']!s:>10} img/s"
           f"  {row['status']}", flush=True)
     return row
 
@@ -295,7 +310,7 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def targets(rows: list[dict[str, Any]], batch: int) -> list[str]:
-    """Issue 7's targets, for the best of our rows at the main batch, as PASS/MISS lines."""
+    """The step's targets, for the best of our rows at the main batch, as PASS/MISS lines."""
     ok = {(r["model"], r["setting"]): r["img_per_s"] for r in rows
           if r["status"] == "ok" and r["batch"] == batch}
     lines = []
@@ -320,18 +335,19 @@ def targets(rows: list[dict[str, Any]], batch: int) -> list[str]:
     return lines
 
 
-def table(rows: list[dict[str, Any]], models: list[str]) -> str:
-    order = {LABELS.get(m, m): i for i, m in enumerate(models)}
+def table(rows: list[dict[str, Any]], labels: list[str]) -> str:
+    order = {label: i for i, label in enumerate(labels)}
     settings = {s.name: i for i, s in enumerate(SETTINGS)}
     rows = sorted(rows, key=lambda r: (order.get(r["model"], 99), settings[r["setting"]],
                                        r["batch"]))
-    header = (f"{'model':<8}{'setting':<24}{'batch':>6}{'img/s':>10}{'step ms':>9}{'MFU':>7}"
+    width = max([8, *(len(r["model"]) + 1 for r in rows)])
+    header = (f"{'model':<{width}}{'setting':<24}{'batch':>6}{'img/s':>10}{'step ms':>9}{'MFU':>7}"
               f"{'peak GiB':>9}{'vs timm':>8}  status")
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] != "" else ""
         speedup = f"{r['speedup_vs_timm_eager']:.2f}x" if r["speedup_vs_timm_eager"] else ""
-        lines.append(f"{r['model']:<8}{r['setting']:<24}{r['batch']:>6}{r['img_per_s']!s:>10}"
+        lines.append(f"{r['model']:<{width}}{r['setting']:<24}{r['batch']:>6}{r['img_per_s']!s:>10}"
                      f"{r['step_ms']!s:>9}{mfu:>7}{r['peak_mem_gib']!s:>9}{speedup:>8}  "
                      f"{r['status']}")
     return "\n".join(lines)
@@ -391,9 +407,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="time under torch.cuda.set_sync_debug_mode('error'): a host "
                              "sync in a step fails its row")
     parser.add_argument("--smoke", action="store_true",
-                        help="a one-block model at 32 px on the CPU, Triton interpreted (CI)")
-    parser.add_argument("--out", type=Path, default=_HERE / "results",
-                        help="folder for the CSV, JSON and PNG (default: benchmarks/results)")
+                        help=f"a one-block model at 32 px on the CPU, Triton interpreted, rows "
+                             f"labelled '{SMOKE_LABEL}' (CI)")
+    add_out_argument(parser, "the CSV, JSON and PNG")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
@@ -409,13 +425,14 @@ def _run_rows(args: argparse.Namespace, run: Run, flops: dict[str, float], peak:
     rows: list[dict[str, Any]] = []
 
     def row(setting: Setting, model_key: str, batch: int) -> str:
+        label = model_label(model_key, run)
         if args.budget_s is not None and time.monotonic() - started > args.budget_s:
-            result = blank_row(setting, model_key, batch,
+            result = blank_row(setting, label, batch,
                                f"skipped: time budget (--budget-s {args.budget_s:g})")
         elif setting.cuda_graphs and run.device.type != "cuda":
-            result = blank_row(setting, model_key, batch, "skipped: CUDA graphs need a GPU")
+            result = blank_row(setting, label, batch, "skipped: CUDA graphs need a GPU")
         elif setting.compiled and setting.kernels and run.device.type != "cuda":
-            result = blank_row(setting, model_key, batch, "skipped: torch.compile cannot trace "
+            result = blank_row(setting, label, batch, "skipped: torch.compile cannot trace "
                                "interpreted Triton ops (the gpu tests cover it)")
         else:
             result = measure_row(setting, model_key, batch, run, flops[model_key], peak)
@@ -449,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if on_cuda else "cpu")
     if args.smoke:
-        run = Run(device, None, steps=1, warmup=1, overrides={"img_size": 32, "depth": 1},
-                  distill=args.distill)
+        run = Run(device, None, steps=1, warmup=1, overrides=SMOKE, distill=args.distill)
         args.models, args.batch = args.models[:1], 2
     else:
         # CUDA graphs capture after three eager steps: warm-up covers them
@@ -467,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile": "train.compile=default (inductor)", "distill": run.distill,
         "sync_debug": run.sync_debug, "model_overrides": run.overrides,
         "peak_matmul_tflops": float(f"{peak:.4g}"),
-        "train_flops_per_image": {LABELS[m]: flops[m] for m in args.models},
+        "train_flops_per_image": {model_label(m, run): flops[m] for m in args.models},
     }
     header = (f"{name} | torch {meta['torch']} | triton {meta['triton']} | timm "
               f"{timm.__version__} | {meta['precision']} | batch {args.batch} | matmul peak "
@@ -481,19 +497,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = _run_rows(args, run, flops, peak, Path(f"{stem}.csv"))
 
     meta["targets"] = [] if args.smoke else targets(rows, args.batch)
+    written = [f"{stem.name}.csv", sidecar.name]
     if importlib.util.find_spec("matplotlib") is not None:
         plot(rows, args.batch, Path(f"{stem}.png"),
              f"deit-fast training step on {name}, {meta['date']}")
         meta["png"] = f"{stem.name}.png"
+        written.append(meta["png"])
     else:
         meta["png"] = "not written: matplotlib is not installed"
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {stem}.csv, {sidecar.name}, png: {meta['png']}")
+    print(wrote(args.out, written))
     for line in meta["targets"]:
         print(line)
     print(header)
-    print(table(rows, args.models))
+    print(table(rows, [model_label(m, run) for m in args.models]))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

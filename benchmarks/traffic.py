@@ -47,7 +47,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks import step as step_bench  # noqa: E402
-from benchmarks.run_info import run_meta  # noqa: E402
+from benchmarks.run_info import add_out_argument, run_meta, wrote  # noqa: E402
 from benchmarks.traffic_count import FAMILIES, OpCount, count_step  # noqa: E402
 from deit_fast.flops import KNOWN_PEAK_TFLOPS  # noqa: E402
 from deit_fast.ops import KernelChoice, resolve_kernels  # noqa: E402
@@ -219,16 +219,18 @@ def compare(step_csv: Path, bounds_csv: Path) -> str:
     device = json.loads(step_csv.with_suffix(".json").read_text())["device"]
     gpu = next((key for key in ("h100", "h200") if key.upper() in device), None)
     source = HARDWARE[gpu][2] if gpu else "none for this device (the table has H100, H200)"
+    width = max([8, *(len(r["model"]) + 1 for r in measured)])
     lines = [f"bounds: {bounds_csv}, {source}; measured: {step_csv.name} on {device}; "
              "compiled rows may pass the bound (it counts the uncompiled ops)",
-             f"{'model':<8}{'setting':<26}{'batch':>6}{'img/s':>9}{'bound':>9}{'of bound':>9}"]
+             f"{'model':<{width}}{'setting':<26}{'batch':>6}{'img/s':>9}{'bound':>9}"
+             f"{'of bound':>9}"]
     for r in measured:
         bound = bounds.get((r["model"], r["kernels"])) if gpu else None
         limit = bound[f"img_per_s_{gpu}"] if bound and r["batch"] == bound["batch"] else ""
         share = f"{float(r['img_per_s']) / float(limit):.0%}" if limit and r["img_per_s"] \
             else ""
         status = "" if r["status"] == "ok" else f"  {r['status'][:60]}"
-        lines.append(f"{r['model']:<8}{r['setting']:<26}{r['batch']:>6}{r['img_per_s']:>9}"
+        lines.append(f"{r['model']:<{width}}{r['setting']:<26}{r['batch']:>6}{r['img_per_s']:>9}"
                      f"{limit:>9}{share:>9}{status}")
     return "\n".join(lines)
 
@@ -248,8 +250,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help="comma-separated, from: " + ", ".join(SETTINGS))
     parser.add_argument("--batch", type=int, default=BATCH, help="images per step")
-    parser.add_argument("--out", type=Path, default=_HERE / "results",
-                        help="folder for the tables and the chart (default: benchmarks/results)")
+    add_out_argument(parser, "the tables and the chart")
     parser.add_argument("--compare", type=Path, metavar="STEP_CSV",
                         help="print this step benchmark CSV's img/s beside the bounds, and exit")
     parser.add_argument("--bounds", type=Path, default=_HERE / "results" / "traffic.csv",
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, meta)
     (args.out / "traffic.md").write_text(table)
     plot(rows, args.out / "traffic_families.png")
-    print(f"wrote traffic.csv, traffic_ops.csv, traffic.md and traffic_families.png to {args.out}")
+    print(wrote(args.out, ["traffic.csv", "traffic_ops.csv", "traffic.md",
+                           "traffic_families.png"]))
     print(table)
     return 0
 

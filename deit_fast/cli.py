@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         "CPU thread; resumable)")
     p.add_argument("--select", action="store_true",
                    help="with --ablation: choose the soft tau on held-out training digits")
-    p.add_argument("--table", help="where --ablation writes its markdown table (default: "
-                   "benchmarks/results/distill_{ablation,selection}.md in a checkout)")
+    p.add_argument("--table", help="where --ablation writes its markdown table, its JSON beside "
+                   "it (default: OUTPUT_DIR/distill_{ablation,selection}.md; --table "
+                   "benchmarks/results/distill_ablation.md replaces the committed one)")
     p.add_argument("overrides", nargs="*", help="dotted overrides on the demo recipe")
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -69,9 +70,10 @@ def _run_benchmark(name: str, args: list[str]) -> int:
     from deit_fast import REPOSITORY
 
     if REPOSITORY is None:
-        print(f"deit-fast bench {name}: the benchmarks ship with the source, not the wheel: "
-              "run it from a checkout of deit-fast (git clone, then pip install -e .), where "
-              f"it is benchmarks/{BENCHMARKS[name]}", file=sys.stderr)
+        print(f"deit-fast bench {name}: the benchmarks ship with deit-fast's source checkout, "
+              "not with this installed package; in a checkout, run "
+              f"`python benchmarks/{BENCHMARKS[name]}` (or `deit-fast bench {name}` after "
+              "`pip install -e .` there)", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, str(REPOSITORY / "benchmarks" / BENCHMARKS[name]),
                             *args])
@@ -100,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return _check_data(args.data_path, args.full_decode)
         if args.command == "demo" and args.ablation:
-            from deit_fast import REPOSITORY
             from deit_fast.ablation import run_ablation
 
-            table = args.table or (REPOSITORY and REPOSITORY / "benchmarks" / "results" / (
-                "distill_selection.md" if args.select else "distill_ablation.md"))
+            table = args.table or os.path.join(args.output_dir, "distill_selection.md" if
+                                               args.select else "distill_ablation.md")
             summary = run_ablation(args.output_dir, args.overrides, table=table,
                                    select=args.select)
             print(json.dumps(summary, indent=2))

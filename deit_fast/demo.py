@@ -192,7 +192,12 @@ def describe(summary: dict[str, Any]) -> str:
              f"token {summary['distilled_top1']:.2f}%: {summary['distilled_gap_points']:+.2f} "
              "points, one seed."]
     ablation = summary.get("ablation")
-    if ablation:
+    if ablation is None:
+        lines.append(f"No ablation interval for this row: it is read from {ABLATION_RESULTS} "
+                     "of a source checkout (an installed package has none), which is not here "
+                     "or does not hold the row; one seed alone cannot tell the gap from the "
+                     "seed spread.")
+    else:
         low, high = ablation["paired_ci95"]
         verdict = "above" if low > 0 else "below" if high < 0 else "not distinguishable from"
         lines.append(f"Over seeds {ablation['seeds']} the ablation measured this row "

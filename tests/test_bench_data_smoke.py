@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "data_stages.py
 
 def test_stage_table_has_every_stage_and_op(tmp_path):
     args = ["--images", "128", "--batch-size", "16", "--batches", "1", "--rounds", "1",
-            "--csv", str(tmp_path / "data_stages.csv")]
+            "--out", str(tmp_path)]
     done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from deit_fast.cli import main
+from deit_fast.cli import BENCHMARKS, main
 from deit_fast.models import create_model
 from tests.helpers import write_tiny_imagefolder
 
@@ -56,7 +56,32 @@ def test_data_check_lists_bad_files(capsys, tmp_path):
     assert "broken.jpg" in captured.out and "1 problem(s)" in captured.err
 
 
-def test_bench_names_run_their_scripts(capfd):
+def test_bench_names_run_their_scripts_which_write_to_runs_bench(capfd):
     for name in ("kernels", "step", "data", "distill", "compile", "traffic"):
         assert main(["bench", name, "--help"]) == 0
-        assert "usage:" in capfd.readouterr().out, name
+        out = " ".join(capfd.readouterr().out.split())  # argparse wraps to the terminal
+        assert "usage:" in out, name
+        assert "default: runs/bench/" in out and "--out benchmarks/results" in out, name
+
+
+def test_readme_lists_every_bench_name_with_its_script():
+    readme = (REPO / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("deit-fast bench ")]
+    assert line.split()[2].split("|") == list(BENCHMARKS)
+    cells = [[c.strip(" `") for c in x.strip("|").split("|")] for x in readme.splitlines()
+             if x.startswith("| `")]
+    assert {c[0]: c[1] for c in cells if c[1].endswith(".py")} == BENCHMARKS  # its table
+
+
+def test_ablation_writes_its_table_beside_its_runs_unless_given_one(monkeypatch, tmp_path):
+    import deit_fast.ablation
+
+    tables = []
+    monkeypatch.setattr(deit_fast.ablation, "run_ablation",
+                        lambda output_dir, overrides, table, select: tables.append(table) or {})
+    assert main(["demo", "--ablation", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--ablation", "--select", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--ablation", "--table", str(tmp_path / "t.md")]) == 0
+    assert [str(t) for t in tables] == [str(tmp_path / "distill_ablation.md"),
+                                        str(tmp_path / "distill_selection.md"),
+                                        str(tmp_path / "t.md")]

@@ -34,3 +34,5 @@ def test_every_kernel_builds_for_sm90_without_spills_and_on_tensor_cores(tmp_pat
     assert attention and all(r["tensor_cores"] == "wgmma" for r in attention)
     assert all(int(r["spill_bytes"]) == 0 and int(r["registers"]) > 0 for r in rows)
     assert done.stdout.rstrip().splitlines()[-1].startswith("sm_90")
+    heading = (tmp_path / "compile_sm90_quick.md").read_text().splitlines()[0]
+    assert heading == "# Compile check: sm_90, quick subset (bf16 and bf16 autocast, DeiT shapes)"

@@ -85,7 +85,7 @@ def test_step_smoke_writes_every_row(dry_run: tuple[Path, str]) -> None:
                           "timm compiled", "ours triton attention", "ours triton layernorm",
                           "ours triton gelu"]  # in priority order
     for name, row in rows.items():
-        assert row["model"] == "DeiT-Ti" and row["batch"] == "2"
+        assert row["model"] == "smoke: 1 block, 32 px" and row["batch"] == "2"
         if name == "ours triton compiled":  # compile cannot trace interpreted Triton ops
             assert row["status"].startswith("skipped:") and row["img_per_s"] == ""
             continue
@@ -101,15 +101,15 @@ def test_step_smoke_writes_every_row(dry_run: tuple[Path, str]) -> None:
     # the img/s beside the committed traffic table's bounds: none on a CPU
     compared = (out / "step_vs_bound.txt").read_text().splitlines()
     assert compared[0].startswith("bounds: ") and len(compared) == 2 + len(rows)
-    assert compared[2].split() == ["DeiT-Ti", "ours", "triton", "2",
-                                   rows["ours triton"]["img_per_s"]]
+    assert compared[2].split() == ["smoke:", "1", "block,", "32", "px", "ours", "triton",
+                                   "2", rows["ours triton"]["img_per_s"]]
     meta = json.loads((out / "step_smoke.json").read_text())
     assert {"device", "torch", "triton", "timm", "date", "command", "peak_matmul_tflops",
             "train_flops_per_image"} <= meta.keys()
     # The docstring's count for the smoke model (C=192, one block, 32 px: P=4, N=5, H=768):
     patch = 2 * 4 * 3 * 16**2 * 192
     forward = patch + 2 * 5 * 192 * (4 * 192 + 2 * 768) + 4 * 5**2 * 192 + 2 * 192 * 1000
-    assert meta["train_flops_per_image"] == {"DeiT-Ti": 3 * forward - patch}
+    assert meta["train_flops_per_image"] == {"smoke: 1 block, 32 px": 3 * forward - patch}
     assert (out / "step_smoke.png").stat().st_size > 0
 
 

@@ -1,4 +1,5 @@
-"""The wheel installs beside PyPI's top-level `kernels` package and ships its recipes."""
+"""The wheel installs beside PyPI's top-level `kernels` package, ships its recipes, and says
+where the benchmarks and results it does not ship are."""
 
 import json
 import os
@@ -75,3 +76,27 @@ def test_installed_cli_trains_with_a_shipped_recipe_name(site, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert any("top1" in r for r in records) and records[-1]["step"] == 2  # 8 images / 4
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_installed_cli_says_where_the_benchmarks_are(site, tmp_path):
+    done = run_installed(site[0], tmp_path, "-m", "deit_fast", "bench", "step", "--smoke")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "deit-fast bench step: the benchmarks ship with deit-fast's source checkout, not with "
+        "this installed package; in a checkout, run `python benchmarks/step.py` (or "
+        "`deit-fast bench step` after `pip install -e .` there)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_installed_demo_says_plainly_that_the_ablation_is_not_at_hand(site, tmp_path):
+    code = ("from deit_fast.demo import ablation_interval, describe;"
+            "assert ablation_interval() is None;"
+            "print(describe({'val_images': 359, 'student_top1': 90.0, 'teacher': 'test_resnet',"
+            " 'teacher_top1': 99.0, 'distilled_top1': 89.0, 'distilled_gap_points': -1.0,"
+            " 'ablation': None}))")
+    done = run_installed(site[0], tmp_path, "-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith(
+        "No ablation interval for this row: it is read from "
+        "benchmarks/results/distill_ablation.json of a source checkout (an installed package "
+        "has none)")
