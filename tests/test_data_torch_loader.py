@@ -181,8 +181,8 @@ def test_bad_file_with_error_policy_raises_naming_it(bad_tree):
 
 
 def test_each_replaced_file_is_warned_once_with_its_reason(bad_tree):
-    """The workers hand back replacement counts; the main process names the files and gives
-    the reason its reader gives for each."""
+    """The workers hand back each skipped file with the reason their reader raised; the main
+    process warns once per file with it."""
     index = DatasetIndex.from_folder(str(bad_tree))
     loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=6, num_workers=1)
     with pytest.warns(UserWarning) as caught:
