@@ -11,10 +11,11 @@ centre crop -> normalize.
 Unreadable files are found by the header parse in the workers, replaced (train) or dropped
 (val) and reported with the batch as dali_source.py describes; with on_bad_image=error the
 main process raises the worker's error, in one line, when its batch arrives. A file whose
-header parses but whose body DALI cannot decode is named by a full PIL decode of the
-batches that may be in flight; the pipeline is then rebuilt at that step with the file
-marked bad, so a run loses nothing but that image. The Python workers start with stop
-signals ignored (workers.py).
+header parses but whose body DALI cannot decode fails its batch: DALI raises the error when
+that batch is asked for, so the files the source handed it for that batch are decoded with
+PIL to name the file; the pipeline is then rebuilt at that step with the file marked bad,
+so a run loses nothing but that image. The Python workers start with stop signals ignored
+(workers.py).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from .dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
 from .plan import AugmentationPlan
 from .train_loader import ListedKeys, TrainLoader
 from .workers import workers_ignore_stop_signals
-
-_LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
 
 
 def _mark_undecodable(
@@ -213,6 +212,9 @@ def _pipeline_args(device: torch.device, batch_size: int, num_workers: int) -> d
         "on_gpu": device_id is not None,
         "py_num_workers": max(1, python_workers),
         "py_start_method": "fork" if forked else "spawn",
+        # raises a batch's decode error when that batch is asked for, not before (the
+        # default executor now; the older one raised it while earlier batches were pending)
+        "exec_dynamic": True,
     }
 
 
@@ -244,17 +246,6 @@ class DaliTrainLoader(TrainLoader):
             auto_reset=True,
         )
 
-    def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
-        """Files of the batches DALI may have in flight from first_item on."""
-        source, paths = self._source(epoch, first_item), []
-        for iteration in range(_LOOKAHEAD):
-            try:
-                outputs = dict(zip(source.outputs, source(types.BatchInfo(iteration, 0))))
-            except StopIteration:
-                break
-            paths += [self.index.paths[int(s)] for s in outputs["samples"]]
-        return paths
-
     def epoch(
         self, epoch: int, start_step: int = 0, start_item: int | None = None
     ) -> Iterator[TrainBatch]:
@@ -269,8 +260,8 @@ class DaliTrainLoader(TrainLoader):
                 out = next(self._iterator)[0]
             except StopIteration:
                 break
-            except Exception as error:  # DALI's error for a batch in flight
-                paths = self._shown_paths(epoch, item)
+            except Exception as error:  # DALI's error for the batch at `item`
+                paths = self._source(epoch, item).handed_paths(0)
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
                 restart = True  # the same batches again, the bad files now replaced
                 continue
@@ -344,9 +335,8 @@ class DaliValLoader:
                 out = next(iterator)[0]
             except StopIteration:
                 break
-            except Exception as error:  # DALI's error for a batch in flight
-                in_flight = range(step - started, step - started + _LOOKAHEAD)
-                paths = [self.index.paths[i] for k in in_flight for i in source.batch_indices(k)]
+            except Exception as error:  # DALI's error for the batch at `step`
+                paths = source.handed_paths(step - started)
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
                 # the same batches again, the bad files dropped
                 source, iterator, started = self._source(step), None, step

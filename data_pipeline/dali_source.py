@@ -125,6 +125,13 @@ class TrainSource:
             return *_placeholder(), sample, {"error": str(e)}
         return data, height, width, shown, {"skipped": skipped} if skipped else {}
 
+    def handed_paths(self, iteration: int) -> list[str]:
+        """The files this source hands DALI for `iteration` of its first epoch (read again:
+        a batch DALI failed to decode never reaches the main process)."""
+        views, requested, _, _, _ = self.keys.at(0, iteration)
+        reads = [self._read(v, s) for v, s in zip(views.tolist(), requested.tolist())]
+        return [self.paths[shown] for _, _, _, shown, report in reads if "error" not in report]
+
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
         if info.iteration >= self.keys.steps(info.epoch_idx):
             raise StopIteration
@@ -195,6 +202,11 @@ class ValSource:
             if self.on_bad_image == "error":
                 return *_placeholder(), {"error": str(e)}
             return *_placeholder(), {"skipped": [(self.paths[i], str(e))]}
+
+    def handed_paths(self, iteration: int) -> list[str]:
+        """The files this source hands DALI for `iteration` (read again: a batch DALI failed
+        to decode never reaches the main process)."""
+        return [self.paths[i] for i in self.batch_indices(iteration) if not self._read(i)[3]]
 
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
         picks = self.batch_indices(info.iteration)
