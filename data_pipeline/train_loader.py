@@ -21,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .batch import ID_FIELDS, TEACHER_FIELDS, TrainBatch
+from .batch import HOST_FIELDS, TEACHER_FIELDS, TrainBatch
 from .dataset import BadImageError, DatasetIndex, warn_skipped
 from .plan import AugmentationPlan, replacement_sample
 from .sampler import RepeatedAugSampler
@@ -135,10 +135,11 @@ class TrainLoader:
         return SamplerKeys(self.sampler, epoch, first_item, self.num_views, mode)
 
     def batch(self, images: torch.Tensor, out: dict, skipped: list[tuple[str, str]]) -> TrainBatch:
-        """A worker's batch (host tensors by field name) as a TrainBatch on the device, the
-        files its workers skipped ((path, reason) pairs) recorded."""
+        """A worker's batch (host tensors by field name) as a TrainBatch, the files its
+        workers skipped ((path, reason) pairs) recorded."""
         warn_skipped(skipped, self.bad_files)
-        fields = (*ID_FIELDS, *TEACHER_FIELDS) if self.teacher_cache else ID_FIELDS
+        fields = ("labels", *TEACHER_FIELDS) if self.teacher_cache else ("labels",)
         return TrainBatch(
-            images=images, **{k: out[k].to(self.device, non_blocking=True) for k in fields}
+            images=images, **{k: out[k].to(self.device, non_blocking=True) for k in fields},
+            **{k: out[k] for k in HOST_FIELDS},
         )

@@ -299,6 +299,16 @@ def test_finish_on_the_gpu_matches_the_cpu(photo_tree):
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_only_what_the_step_reads_is_copied_to_the_gpu(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=4, num_workers=1,
+                                device=torch.device("cuda"))
+    batch = next(loader.epoch(0))
+    assert batch.images.is_cuda and batch.labels.is_cuda
+    assert not any(t.is_cuda for t in (batch.samples, batch.repeats, batch.views))
+
+
 class _Collected:
     """Garbage in a reference cycle; its destructor records the pid that collected it."""
 
