@@ -62,8 +62,9 @@ def _placeholder() -> tuple[np.ndarray, int, int]:
 
 def encode_reports(reports: list[dict]) -> list[np.ndarray]:
     """Each sample's report ({"skipped": (path, reason) pairs} or {"error": message}, {} when
-    its file was read) as JSON bytes, zero-padded to the batch's longest: DALI carries
-    arrays, not strings, and its iterator stacks a batch's samples into one tensor."""
+    its file was read) as JSON bytes, zero-padded to the batch's longest. The batch is the
+    one way back from DALI's worker processes; it carries arrays, not strings, and the
+    iterator stacks a batch's samples into one tensor."""
     data = [json.dumps(report).encode() if report else b"" for report in reports]
     width = max(1, *map(len, data))
     return [np.frombuffer(d.ljust(width, b"\0"), np.uint8) for d in data]
