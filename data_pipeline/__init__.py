@@ -9,7 +9,7 @@ AugmentationPlan (every random decision of a view, keyed by (seed, view, sample)
 a loader backend (DALI or torch) that applies the plan -> Mixup on the device.
 
 loader.py picks the backend. What both share (the keys, the replacement of unreadable
-files and their accounting) is train_loader.py, and what they yield is batch.TrainBatch;
+files and their report) is train_loader.py, and what they yield is batch.TrainBatch;
 a backend adds only its decode-and-augment graph: torch_loader.py (PIL in torch workers)
 or dali.py with dali_source.py (DALI's graph, fed by Python workers).
 """

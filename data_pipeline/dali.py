@@ -8,12 +8,14 @@ fills constants only, so the plan's noise is fed as a box and padded into place 
 `slice`. Val: decode -> resize (sizes from the header, as torchvision computes them) ->
 centre crop -> normalize.
 
-Unreadable files are found by the header parse in the workers and replaced as
-train_loader.py does for both backends. A file whose header parses but whose body DALI
-cannot decode is named by a full PIL decode of the failing batch; the pipeline is then
-rebuilt at that step with the file marked bad, so a run loses nothing but that image.
-With on_bad_image=error the failing batch is read again here, so the error names the file
-in one line. The Python workers start with stop signals ignored (workers.py).
+Unreadable files are found by the header parse in the workers, replaced (train) or dropped
+(val) and reported with the batch as dali_source.py describes; with on_bad_image=error the
+main process raises the worker's error, in one line, when its batch arrives. A file whose
+header parses but whose body DALI cannot decode fails its batch: DALI raises the error when
+that batch is asked for, so the files the source handed it for that batch are decoded with
+PIL to name the file; the pipeline is then rebuilt at that step with the file marked bad,
+so a run loses nothing but that image. The Python workers start with stop signals ignored
+(workers.py).
 """
 
 from __future__ import annotations
@@ -28,19 +30,18 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .batch import TrainBatch
 from .dali_augment import rand_augment_ops
-from .dali_source import TrainSource, ValSource, read_probe
+from .dali_source import TrainSource, ValSource, decode_reports, reported_skips
 from .dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
 from .plan import AugmentationPlan
-from .train_loader import BadFiles, ListedKeys, TrainLoader
+from .train_loader import ListedKeys, TrainLoader
 from .workers import workers_ignore_stop_signals
-
-_LOOKAHEAD = 4  # batches DALI may have in flight when it reports a decode failure
 
 
 def _mark_undecodable(
     paths: list[str], known_bad: set[str], on_bad_image: str, error: Exception
 ) -> None:
-    """After DALI failed on a batch: find the file with PIL and mark it, or re-raise."""
+    """After DALI failed on a batch of these files: find the file with PIL and mark it, or
+    re-raise."""
     bad = []
     for path in paths:
         try:
@@ -159,15 +160,15 @@ def view_batches(index: DatasetIndex, plan: AugmentationPlan, keys: ListedKeys, 
     """loader.view_batches from the DALI graph."""
     source = TrainSource(index, plan, keys, on_bad_image, frozenset())
     largest = max(len(b) for b in keys.batches)
-    bad = BadFiles(index, plan.seed, lambda path: read_probe(path, frozenset()))
+    seen: set[str] = set()
     for (out,) in _train_pipeline(source, plan, device, largest, num_workers):
-        bad.report(out["views"], out["requested"], out["replaced"])
+        warn_skipped(reported_skips(decode_reports(out["report"])), seen)
         yield out["images"].to(device, non_blocking=True)
 
 
 @pipeline_def
 def val_graph(source: ValSource, size: int, mean, std, on_gpu: bool):
-    encoded, resize, crop, labels, valid = fn.external_source(
+    encoded, resize, crop, labels, report = fn.external_source(
         source, num_outputs=5, batch=True, batch_info=True, parallel=True
     )
     images = fn.decoders.image(
@@ -189,7 +190,7 @@ def val_graph(source: ValSource, size: int, mean, std, on_gpu: bool):
         normalized_shape=False,
     )
     images = _normalize(images, mean, std)
-    return images, labels, valid
+    return images, labels, report
 
 
 # ---------------------------------------------------------------- loaders (main process)
@@ -211,14 +212,14 @@ def _pipeline_args(device: torch.device, batch_size: int, num_workers: int) -> d
         "on_gpu": device_id is not None,
         "py_num_workers": max(1, python_workers),
         "py_start_method": "fork" if forked else "spawn",
+        # raises a batch's decode error when that batch is asked for, not before (the
+        # default executor now; the older one raised it while earlier batches were pending)
+        "exec_dynamic": True,
     }
 
 
 class DaliTrainLoader(TrainLoader):
     """Training batches for one rank (train_loader.TrainLoader) from the DALI graph."""
-
-    def read(self, path: str) -> tuple[np.ndarray, int, int]:
-        return read_probe(path, frozenset(self._known_bad))
 
     def _prepare(self) -> None:
         self._known_bad: set[str] = set()  # files DALI failed to decode though their header parsed
@@ -245,17 +246,6 @@ class DaliTrainLoader(TrainLoader):
             auto_reset=True,
         )
 
-    def _shown_paths(self, epoch: int, first_item: int) -> list[str]:
-        """Files of the batches DALI may have in flight from first_item on."""
-        source, paths = self._source(epoch, first_item), []
-        for iteration in range(_LOOKAHEAD):
-            try:
-                outputs = dict(zip(source.outputs, source(types.BatchInfo(iteration, 0))))
-            except StopIteration:
-                break
-            paths += [self.index.paths[int(s)] for s in outputs["samples"]]
-        return paths
-
     def epoch(
         self, epoch: int, start_step: int = 0, start_item: int | None = None
     ) -> Iterator[TrainBatch]:
@@ -270,17 +260,17 @@ class DaliTrainLoader(TrainLoader):
                 out = next(self._iterator)[0]
             except StopIteration:
                 break
-            except Exception as error:  # a worker's error arrives as a bare Exception
-                # replaying the sources here raises on_bad_image=error's BadImageError itself
-                paths = self._shown_paths(epoch, item)
+            except Exception as error:  # DALI's error for the batch at `item`
+                paths = self._source(epoch, item).handed_paths(0)
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
                 restart = True  # the same batches again, the bad files now replaced
                 continue
+            skipped = reported_skips(decode_reports(out["report"]))
             if self.teacher_cache is not None:  # host tensors from the source: no device sync
                 where = f"epoch {epoch}, step {item // self.sampler.items_per_step}"
                 self.teacher_cache.check_shown(out["teacher_indices"], where)
             item += self.sampler.items_per_step
-            yield self.batch(out["images"].to(self.device, non_blocking=True), out)
+            yield self.batch(out["images"].to(self.device, non_blocking=True), out, skipped)
         self._next_epoch = epoch + 1
 
 
@@ -333,7 +323,7 @@ class DaliValLoader:
         )
         with workers_ignore_stop_signals():
             pipe.build()
-        return DALIGenericIterator([pipe], ["images", "labels", "valid"])
+        return DALIGenericIterator([pipe], ["images", "labels", "report"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = started = 0
@@ -345,28 +335,18 @@ class DaliValLoader:
                 out = next(iterator)[0]
             except StopIteration:
                 break
-            except Exception as error:  # a worker's error arrives as a bare Exception
-                in_flight = range(step - started, step - started + _LOOKAHEAD)
-                if self.on_bad_image == "error":
-                    for k in in_flight:  # raises the worker's BadImageError here
-                        if source.batch_indices(k):
-                            source(types.BatchInfo(k, 0))
-                picks = [i for k in in_flight for i in source.batch_indices(k)]
-                paths = [self.index.paths[i] for i in picks]
+            except Exception as error:  # DALI's error for the batch at `step`
+                paths = source.handed_paths(step - started)
                 _mark_undecodable(paths, self._known_bad, self.on_bad_image, error)
                 # the same batches again, the bad files dropped
                 source, iterator, started = self._source(step), None, step
                 continue
-            valid = out["valid"].view(-1).bool()
-            picks = self._mine[step * self._args[2] : (step + 1) * self._args[2]]
-            warn_skipped(
-                [(self.index.paths[picks[i]],) * 2 for i in np.flatnonzero(~valid.numpy())],
-                self.bad_files,
-            )
+            reports = decode_reports(out["report"])
+            warn_skipped(reported_skips(reports), self.bad_files)
             step += 1
-            if valid.any():
-                keep = valid.to(out["images"].device)
+            kept = torch.tensor([not report for report in reports])
+            if kept.any():
                 yield (
-                    out["images"][keep].to(self.device, non_blocking=True),
-                    out["labels"].view(-1)[valid].to(self.device, non_blocking=True),
+                    out["images"][kept.to(out["images"].device)].to(self.device, non_blocking=True),
+                    out["labels"].view(-1)[kept].to(self.device, non_blocking=True),
                 )

@@ -5,13 +5,20 @@ each image's size from its header; for training it takes the step's keys and rep
 unreadable files as train_loader.py does for both backends, draws the plan of the batch
 (vectorised) as per-sample arrays and, with a teacher cache, reads the teacher's top-k from
 its shards.
+
+Each sample also carries its read's report: the (path, reason) of each file it skipped, or
+the BadImageError that stops the run (on_bad_image=error), which the main process raises
+when the batch arrives. A sample whose file could not be read shows a placeholder image.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 
 import numpy as np
+import torch
 from nvidia.dali import types
 from PIL import Image
 
@@ -36,20 +43,44 @@ _SOURCE_OUTPUTS = (
     "samples",
     "repeats",
     "views",
-    "requested",
-    "replaced",
+    "report",
     "teacher_values",
     "teacher_indices",
 )
 # The source's outputs the graph hands through to the batch, beside the images.
-PASSED_THROUGH = ("labels", "samples", "repeats", "views", "requested", "replaced")
+PASSED_THROUGH = ("labels", "samples", "repeats", "views", "report")
+Skipped = list[tuple[str, str]]  # (path, reason) of each unreadable file
 
 
-def _placeholder_jpeg() -> np.ndarray:
-    """A valid 8x8 JPEG that stands in for a dropped validation file (masked out later)."""
+@functools.cache
+def _placeholder() -> tuple[np.ndarray, int, int]:
+    """(bytes, height, width) of a valid 8x8 JPEG, which stands in for a file not read."""
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    return np.frombuffer(buffer.getvalue(), np.uint8)
+    return np.frombuffer(buffer.getvalue(), np.uint8), 8, 8
+
+
+def encode_reports(reports: list[dict]) -> list[np.ndarray]:
+    """Each sample's report ({"skipped": (path, reason) pairs} or {"error": message}, {} when
+    its file was read) as JSON bytes, zero-padded to the batch's longest. The batch is the
+    one way back from DALI's worker processes; it carries arrays, not strings, and the
+    iterator stacks a batch's samples into one tensor."""
+    data = [json.dumps(report).encode() if report else b"" for report in reports]
+    width = max(1, *map(len, data))
+    return [np.frombuffer(d.ljust(width, b"\0"), np.uint8) for d in data]
+
+
+def decode_reports(column: torch.Tensor) -> list[dict]:
+    """The reports encode_reports wrote, from a batch's uint8 [B, width] host tensor."""
+    return [json.loads(bytes(row).rstrip(b"\0")) if row[0] else {} for row in column.numpy()]
+
+
+def reported_skips(reports: list[dict]) -> Skipped:
+    """The (path, reason) pairs of a batch's reports; a sample's error is raised here."""
+    for report in reports:
+        if "error" in report:
+            raise BadImageError(report["error"])
+    return [(path, reason) for report in reports for path, reason in report.get("skipped", ())]
 
 
 def read_probe(path: str, known_bad: frozenset[str]) -> tuple[np.ndarray, int, int]:
@@ -84,19 +115,29 @@ class TrainSource:
         self.passed_through = [name for name in self.outputs if name in PASSED_THROUGH
                                or name in TEACHER_FIELDS]
 
-    def _read(self, view: int, sample: int) -> tuple[np.ndarray, int, int, int, int]:
-        """(bytes, height, width, sample read, unreadable files replaced before it)."""
+    def _read(self, view: int, sample: int) -> tuple[np.ndarray, int, int, int, dict]:
+        """(bytes, height, width, sample read, report)."""
         read = lambda path: read_probe(path, self.known_bad)
-        (data, height, width), shown, replaced = read_or_replace(
-            read, self.paths, self.plan.seed, view, sample, self.on_bad_image
-        )
-        return data, height, width, shown, replaced
+        try:
+            (data, height, width), shown, skipped = read_or_replace(
+                read, self.paths, self.plan.seed, view, sample, self.on_bad_image
+            )
+        except BadImageError as e:  # the main process raises it: DALI would keep only its text
+            return *_placeholder(), sample, {"error": str(e)}
+        return data, height, width, shown, {"skipped": skipped} if skipped else {}
+
+    def handed_paths(self, iteration: int) -> list[str]:
+        """The files this source hands DALI for `iteration` of its first epoch (read again:
+        a batch DALI failed to decode never reaches the main process)."""
+        views, requested, _, _, _ = self.keys.at(0, iteration)
+        reads = [self._read(v, s) for v, s in zip(views.tolist(), requested.tolist())]
+        return [self.paths[shown] for _, _, _, shown, report in reads if "error" not in report]
 
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
         if info.iteration >= self.keys.steps(info.epoch_idx):
             raise StopIteration
         views, requested, repeats, groups, rows = self.keys.at(info.epoch_idx, info.iteration)
-        data, heights, widths, samples, replaced = zip(
+        data, heights, widths, samples, reports = zip(
             *(self._read(v, s) for v, s in zip(views.tolist(), requested.tolist()))
         )
         samples = np.asarray(samples, np.int64)
@@ -124,8 +165,7 @@ class TrainSource:
             "samples": scalar(samples, np.int64),
             "repeats": scalar(repeats, np.int64),
             "views": scalar(views, np.int64),
-            "requested": scalar(requested, np.int64),
-            "replaced": scalar(replaced, np.int32),
+            "report": encode_reports(list(reports)),
         }
         if self.teacher_cache is not None:  # by the key's cache address; DALI prefetches
             # past the run's last epoch: the loader checks what it yields
@@ -155,19 +195,27 @@ class ValSource:
     def batch_indices(self, step: int) -> list[int]:
         return self.indices[step * self.batch_size : (step + 1) * self.batch_size]
 
+    def _read(self, i: int) -> tuple[np.ndarray, int, int, dict]:
+        """(bytes, height, width, report); a placeholder image for a file not read."""
+        try:
+            return *read_probe(self.paths[i], self.known_bad), {}
+        except BadImageError as e:
+            if self.on_bad_image == "error":
+                return *_placeholder(), {"error": str(e)}
+            return *_placeholder(), {"skipped": [(self.paths[i], str(e))]}
+
+    def handed_paths(self, iteration: int) -> list[str]:
+        """The files this source hands DALI for `iteration` (read again: a batch DALI failed
+        to decode never reaches the main process)."""
+        return [self.paths[i] for i in self.batch_indices(iteration) if not self._read(i)[3]]
+
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
         picks = self.batch_indices(info.iteration)
         if not picks:
             raise StopIteration
         rows = []
         for i in picks:
-            try:
-                data, height, width = read_probe(self.paths[i], self.known_bad)
-                valid = 1
-            except BadImageError:
-                if self.on_bad_image == "error":
-                    raise
-                data, height, width, valid = _placeholder_jpeg(), 8, 8, 0
+            data, height, width, report = self._read(i)
             short, long = sorted((height, width))  # torchvision: the long side is truncated
             scaled = (self.resize, int(self.resize * long / short))
             new_h, new_w = scaled if height <= width else scaled[::-1]
@@ -178,7 +226,8 @@ class ValSource:
                     np.array([new_h, new_w], np.float32),
                     np.array(crop, np.float32),
                     np.asarray(self.labels[i], np.int64),
-                    np.asarray(valid, np.int32),
+                    report,
                 )
             )
-        return tuple(list(column) for column in zip(*rows))
+        encoded, resize, crop, labels, reports = (list(column) for column in zip(*rows))
+        return encoded, resize, crop, labels, encode_reports(reports)

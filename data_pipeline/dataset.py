@@ -15,7 +15,7 @@ from functools import cached_property
 from itertools import zip_longest
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 JPEG_TAIL = 64  # bytes searched for the end-of-image marker: some writers pad after it
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -229,7 +229,9 @@ def _pil_size(data: bytes, path: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot decode image {path}: not a readable image: {e}") from None
+        # PIL's own words would name the in-memory buffer, a new one at each read
+        reason = "cannot identify image file" if isinstance(e, UnidentifiedImageError) else e
+        raise BadImageError(f"cannot decode image {path}: not a readable image: {reason}") from None
     return height, width
 
 

@@ -2,11 +2,12 @@
 
 Workers receive whole batches of keys (`__getitems__`), so the plan is drawn vectorised
 once per batch; every random value comes from the keys, so the output is identical for
-any number of workers. Keys, the replacement of unreadable files and their accounting are
-train_loader.py's; with on_bad_image=error the worker sends the error back with the
-batch, so it is raised in the main process with its own message. Workers ignore stop
-signals (workers.py). With a teacher cache, the workers also read the teacher's top-k for
-each (view, requested sample) from its memory-mapped shards, and the batch carries it.
+any number of workers. Keys and the replacement of unreadable files are train_loader.py's.
+Workers, training's and validation's, hand back with each batch the (path, reason) of the
+files they skipped, or with on_bad_image=error the error, raised in the main process with
+its own message. Workers ignore stop signals (workers.py). With a teacher cache, the
+workers also read the teacher's top-k for each (view, requested sample) from its
+memory-mapped shards, and the batch carries it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .dataset import BadImageError, DatasetIndex, read_rgb, warn_skipped
 from .pil_augment import augment_pil
 from .plan import AugmentationPlan
 from .teacher_cache import TeacherCache
-from .train_loader import BadFiles, ListedKeys, SamplerKeys, TrainLoader, read_or_replace
+from .train_loader import ListedKeys, SamplerKeys, TrainLoader, read_or_replace
 from .workers import ignore_stop_signals, iterate
 
 
@@ -103,7 +104,7 @@ class TrainViews(Dataset):
         views, requested, repeats, groups, rows = np.array(keys, np.int64).T
         seed, on_bad = self.plan.seed, self.on_bad_image
         try:
-            images, samples, replaced = zip(
+            images, samples, skipped = zip(
                 *(read_or_replace(read_rgb, self.paths, seed, v, s, on_bad)
                   for v, s in zip(views.tolist(), requested.tolist()))
             )
@@ -131,8 +132,7 @@ class TrainViews(Dataset):
             "samples": torch.from_numpy(samples),
             "repeats": torch.from_numpy(repeats),
             "views": torch.from_numpy(views),
-            "requested": torch.from_numpy(requested),
-            "replaced": torch.tensor(replaced, dtype=torch.int64),
+            "skipped": [pair for pairs in skipped for pair in pairs],
         }
         if self.teacher_cache is not None:  # by the key's cache address
             batch["teacher_values"], batch["teacher_indices"] = self.teacher_cache.topk(
@@ -167,8 +167,6 @@ class _EpochKeys:
 class TorchTrainLoader(TrainLoader):
     """Training batches for one rank (train_loader.TrainLoader) from torch workers."""
 
-    read = staticmethod(read_rgb)
-
     def _prepare(self) -> None:
         self._keys = _EpochKeys()
         views = TrainViews(
@@ -192,7 +190,7 @@ class TorchTrainLoader(TrainLoader):
         self._keys.set(self.keys(epoch, self.sampler.start_item(start_step, start_item)))
         p = self.plan.params
         for out in map(_checked, iterate(self._loader)):
-            yield self.batch(finish(out, self.device, p.mean, p.std), out)
+            yield self.batch(finish(out, self.device, p.mean, p.std), out, out["skipped"])
 
 
 def view_batches(index: DatasetIndex, plan: AugmentationPlan, keys: ListedKeys, num_workers: int,
@@ -202,9 +200,9 @@ def view_batches(index: DatasetIndex, plan: AugmentationPlan, keys: ListedKeys, 
     loader = DataLoader(dataset, batch_sampler=_EpochKeys(keys),
                         num_workers=num_workers, collate_fn=batch_as_is,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-    bad = BadFiles(index, plan.seed, read_rgb)
+    seen: set[str] = set()
     for out in map(_checked, iterate(loader)):
-        bad.report(out["views"], out["requested"], out["replaced"])
+        warn_skipped(out["skipped"], seen)
         yield finish(out, device, plan.params.mean, plan.params.std)
 
 
@@ -222,14 +220,14 @@ class ValImages(Dataset):
         return len(self.paths)
 
     def __getitems__(self, indices: list[int]) -> dict:
-        images, kept, bad = [], [], []
+        images, kept, skipped = [], [], []
         for i in indices:
             try:
                 img = read_rgb(self.paths[i])
             except BadImageError as e:
                 if self.on_bad_image == "error":
                     return {"error": str(e)}
-                bad.append((self.paths[i], str(e)))
+                skipped.append((self.paths[i], str(e)))
                 continue
             img = F.resize(img, self.resize, InterpolationMode.BICUBIC)
             images.append(F.pil_to_tensor(F.center_crop(img, self.size)))
@@ -239,7 +237,7 @@ class ValImages(Dataset):
         return {
             "images": pixels,  # normalized on the device by `finish`
             "labels": torch.from_numpy(self.labels[kept]),
-            "bad": bad,
+            "skipped": skipped,
         }
 
 
@@ -279,7 +277,7 @@ class TorchValLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for out in map(_checked, iterate(self._loader)):
-            warn_skipped(out["bad"], self.bad_files)
+            warn_skipped(out["skipped"], self.bad_files)
             if len(out["labels"]):
                 yield (
                     finish(out, self.device, self.mean, self.std),

@@ -8,9 +8,9 @@ in the cache: (epoch, row) in a batches cache, (view, requested sample) in a vie
 
 Unreadable files. A worker reads a key's file or, when it is unreadable and on_bad_image
 is "skip", the first readable file of its replacement chain (`read_or_replace`, with
-`plan.replacement_sample`), and hands back with the batch only how many it replaced. The
-main process rebuilds the chain, which is pure, to name the files (`BadFiles`): each is
-counted and warned about once, with the reason the backend's reader gives for it.
+`plan.replacement_sample`), and hands back with the batch the (path, reason) of each file
+it skipped, the reason as its reader raised it. The main process only records them
+(`dataset.warn_skipped`): each file is counted and warned about once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .batch import ID_FIELDS, TEACHER_FIELDS, TrainBatch
+from .batch import HOST_FIELDS, TEACHER_FIELDS, TrainBatch
 from .dataset import BadImageError, DatasetIndex, warn_skipped
 from .plan import AugmentationPlan, replacement_sample
 from .sampler import RepeatedAugSampler
@@ -37,16 +37,18 @@ MAX_REPLACEMENTS = 10  # this many unreadable files in a row means a broken data
 def read_or_replace(
     read: Callable[[str], T], paths: list[str], seed: int, view: int, sample: int,
     on_bad_image: str,
-) -> tuple[T, int, int]:
+) -> tuple[T, int, list[tuple[str, str]]]:
     """read(paths[sample]), or with on_bad_image "skip" that of the first readable sample of
-    its replacement chain: (what read returned, sample read, unreadable files before it)."""
-    shown = sample
+    its replacement chain: (what read returned, sample read, (path, reason) of each
+    unreadable file before it)."""
+    shown, skipped = sample, []
     for attempt in range(MAX_REPLACEMENTS + 1):
         try:
-            return read(paths[shown]), shown, attempt
-        except BadImageError:
+            return read(paths[shown]), shown, skipped
+        except BadImageError as e:
             if on_bad_image == "error":
                 raise
+            skipped.append((paths[shown], str(e)))
             shown = replacement_sample(seed, view, sample, attempt, len(paths))
     raise BadImageError(
         f"{MAX_REPLACEMENTS + 1} unreadable files in a row, starting at {paths[sample]}; "
@@ -97,39 +99,10 @@ class ListedKeys:
         return views, samples, np.zeros_like(samples), views, samples
 
 
-class BadFiles:
-    """The distinct unreadable files behind a pass's replaced samples, each warned once."""
-
-    def __init__(self, index: DatasetIndex, seed: int, read: Callable[[str], object]) -> None:
-        self.paths, self.seed, self.read = index.paths, seed, read
-        self.files: set[str] = set()
-
-    def _reason(self, path: str) -> str:
-        try:
-            self.read(path)
-        except BadImageError as e:
-            return str(e)
-        return f"{path} (readable when read again)"
-
-    def report(self, views, requested, replaced) -> None:
-        """Name the files a batch replaced: its views, requested samples and replacement
-        counts (as the workers hand them back) rebuild each chain."""
-        views, requested, replaced = (np.asarray(a).reshape(-1)
-                                      for a in (views, requested, replaced))
-        n, met = len(self.paths), []
-        for i in np.flatnonzero(replaced).tolist():
-            view, sample, count = int(views[i]), int(requested[i]), int(replaced[i])
-            chain = [sample] + [replacement_sample(self.seed, view, sample, a, n)
-                                for a in range(count)]
-            met += [self.paths[s] for s in chain[:count] if self.paths[s] not in self.files]
-        warn_skipped([(path, self._reason(path)) for path in dict.fromkeys(met)], self.files)
-
-
 class TrainLoader:
-    """One rank's training batches. A backend subclass sets up its workers in `_prepare`,
-    reads a file in `read` as its workers do, and yields the batches from `epoch(e,
-    start_step, start_item)` (start_item: a global item count, which works across a change
-    of world size)."""
+    """One rank's training batches. A backend subclass sets up its workers in `_prepare` and
+    yields the batches from `epoch(e, start_step, start_item)` (start_item: a global item
+    count, which works across a change of world size)."""
 
     def __init__(
         self,
@@ -145,16 +118,12 @@ class TrainLoader:
         self.index, self.plan, self.sampler, self.device = index, plan, sampler, device
         self.num_workers, self.on_bad_image, self.num_views = num_workers, on_bad_image, num_views
         self.teacher_cache = teacher_cache
-        self._bad = BadFiles(index, plan.seed, self.read)
+        self.bad_files: set[str] = set()  # the distinct unreadable files skipped so far
         self._prepare()
 
     @property
-    def bad_files(self) -> set[str]:
-        return self._bad.files
-
-    @property
     def bad_images(self) -> int:
-        return len(self._bad.files)
+        return len(self.bad_files)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -169,11 +138,12 @@ class TrainLoader:
         mode = self.teacher_cache.mode if self.teacher_cache else None
         return SamplerKeys(self.sampler, epoch, first_item, self.num_views, mode)
 
-    def batch(self, images: torch.Tensor, out: dict) -> TrainBatch:
-        """A worker's batch (host tensors by field name) as a TrainBatch on the device, its
-        replaced files reported."""
-        self._bad.report(out["views"], out["requested"], out["replaced"])
-        fields = (*ID_FIELDS, *TEACHER_FIELDS) if self.teacher_cache else ID_FIELDS
+    def batch(self, images: torch.Tensor, out: dict, skipped: list[tuple[str, str]]) -> TrainBatch:
+        """A worker's batch (host tensors by field name) as a TrainBatch, the files its
+        workers skipped ((path, reason) pairs) recorded."""
+        warn_skipped(skipped, self.bad_files)
+        fields = ("labels", *TEACHER_FIELDS) if self.teacher_cache else ("labels",)
         return TrainBatch(
-            images=images, **{k: out[k].to(self.device, non_blocking=True) for k in fields}
+            images=images, **{k: out[k].to(self.device, non_blocking=True) for k in fields},
+            **{k: out[k] for k in HOST_FIELDS},
         )

@@ -181,8 +181,8 @@ def test_bad_file_with_error_policy_raises_naming_it(bad_tree):
 
 
 def test_each_replaced_file_is_warned_once_with_its_reason(bad_tree):
-    """The workers hand back replacement counts; the main process names the files and gives
-    the reason its reader gives for each."""
+    """The workers hand back each skipped file with the reason their reader raised; the main
+    process warns once per file with it."""
     index = DatasetIndex.from_folder(str(bad_tree))
     loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=6, num_workers=1)
     with pytest.warns(UserWarning) as caught:
@@ -297,6 +297,16 @@ def test_finish_on_the_gpu_matches_the_cpu(photo_tree):
     on_cpu = finish(raw, torch.device("cpu"), params.mean, params.std)
     assert on_gpu.device.type == "cuda" and raw["erase_noise"].numel() > 0
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_only_what_the_step_reads_is_copied_to_the_gpu(photo_tree):
+    index = DatasetIndex.from_folder(str(photo_tree))
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=4, num_workers=1,
+                                device=torch.device("cuda"))
+    batch = next(loader.epoch(0))
+    assert batch.images.is_cuda and batch.labels.is_cuda
+    assert not any(t.is_cuda for t in (batch.samples, batch.repeats, batch.views))
 
 
 class _Collected:
