@@ -46,9 +46,11 @@ from deit_fast.resolve import (
     build_mixup,
     cache_geometry,
     cache_identity,
+    data_backend,
     data_root,
     image_size,
     num_views,
+    num_workers,
     plan_params,
     resolve_device,
     views_backend,
@@ -189,8 +191,9 @@ class CachePass:
                 self.writer.write(s, *self._empty(s))
         rendered = iter(())
         if work:  # an unreadable file's replacement is rendered, as the run trains on it
-            rendered = view_batches(self.index, self.plan, [b.keys for b in work], d.backend,
-                                    d.num_workers, self.device, d.on_bad_image)
+            rendered = view_batches(self.index, self.plan, [b.keys for b in work],
+                                    data_backend(self.cfg, self.device), num_workers(self.cfg),
+                                    self.device, d.on_bad_image)
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         with torch.inference_mode():
             for b, images in zip(work, rendered):

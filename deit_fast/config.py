@@ -48,10 +48,10 @@ class KernelsConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # ImageFolder root with train/ and val/
-    backend: str = "torch"
+    backend: str = "auto"  # auto: DALI's GPU graph on CUDA where DALI is installed, else torch
     batch_size: int = 128  # per process
     eval_batch_size: int = 256
-    num_workers: int = 8
+    num_workers: int | None = None  # None: min(8, this rank's share of the CPU cores)
     repeats: int = 3  # repeated augmentation
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)
@@ -140,7 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kernels.attention": ("auto", *ATTENTION),
     "kernels.layernorm": ("auto", *LAYERNORM),
     "kernels.gelu": ("auto", *GELU),
-    "data.backend": BACKENDS,
+    "data.backend": ("auto", *BACKENDS),
     "data.on_bad_image": BAD_IMAGE_POLICIES,
     "distill.type": DISTILL_TYPES,
     "distill.source": ("online", "cache"),
@@ -231,8 +231,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, dotted)
-        else:
+            continue
+        try:
             kwargs[key] = _coerce(dotted, value, tp)
+        except ConfigError as err:  # YAML reads `true` as a bool: say what the key takes
+            if dotted not in CHOICES:
+                raise
+            raise ConfigError(f"{err}; accepted: {', '.join(CHOICES[dotted])}") from None
     return cls(**kwargs)
 
 

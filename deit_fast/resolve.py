@@ -7,7 +7,9 @@ geometry.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,10 +63,27 @@ def build_mixup(d: DataConfig, num_classes: int, seed: int = 0) -> Mixup:
                  num_classes=num_classes, seed=seed)
 
 
+def data_backend(cfg: Config, device: torch.device) -> str:
+    """data.backend with auto resolved: DALI where it decodes on a GPU and is installed, the
+    torch loader elsewhere (DALI's CPU graph is slower: benchmarks/results/data_cpu.md)."""
+    if cfg.data.backend != "auto":
+        return cfg.data.backend
+    on_gpu = device.type == "cuda" and importlib.util.find_spec("nvidia.dali") is not None
+    return "dali" if on_gpu else "torch"
+
+
+def num_workers(cfg: Config) -> int:
+    """data.num_workers, or min(8, the CPU cores this process may use / ranks on the node)."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    share = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(8, max(1, share))
+
+
 def views_backend(cfg: Config, device: torch.device) -> str:
     """The decoder that renders the views: torch (PIL), dali-cpu or dali-gpu. Decoders
     differ by a few pixel levels, so a cache records the one its views came from."""
-    if cfg.data.backend == "torch":
+    if data_backend(cfg, device) == "torch":
         return "torch"
     return "dali-gpu" if device.type == "cuda" else "dali-cpu"
 

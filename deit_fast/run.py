@@ -19,9 +19,11 @@ from deit_fast.ops import resolve_kernels
 from deit_fast.resolve import (
     build_mixup,
     cache_identity,
+    data_backend,
     data_root,
     image_size,
     num_views,
+    num_workers,
     plan_params,
     resolve_device,
 )
@@ -123,6 +125,7 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     from deit_fast.data_pipeline.dataset import split_classes_differ
 
     root, d = data_root(cfg), cfg.data
+    backend, workers = data_backend(cfg, device), num_workers(cfg)
     train_index = DatasetIndex.from_folder(root, split="train")
     val_loader = None
     if cfg.train.eval_interval:  # 0: the run never evaluates, and needs no val/
@@ -132,13 +135,13 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
             raise ValueError(differ)
         val_loader = build_val_loader(
             val_index, image_size=image_size(cfg), crop_pct=d.crop_pct,
-            batch_size=d.eval_batch_size, num_workers=d.num_workers, backend=d.backend,
+            batch_size=d.eval_batch_size, num_workers=workers, backend=backend,
             device=device, rank=rank, world_size=world_size, on_bad_image=d.on_bad_image)
     cache = open_teacher_cache(cfg, train_index, device, world_size)
     train_loader = build_train_loader(
         train_index, params=plan_params(cfg), batch_size=d.batch_size, seed=cfg.train.seed,
-        repeats=d.repeats, rank=rank, world_size=world_size, num_workers=d.num_workers,
-        backend=d.backend, device=device, on_bad_image=d.on_bad_image,
+        repeats=d.repeats, rank=rank, world_size=world_size, num_workers=workers,
+        backend=backend, device=device, on_bad_image=d.on_bad_image,
         num_views=num_views(cfg) if cache and cache.mode == "views" else None,
         teacher_cache=cache)
     mixup = build_mixup(d, len(train_index.classes), cfg.train.seed)

@@ -105,3 +105,37 @@ def test_an_interrupted_cache_pass_says_how_to_go_on(data, tmp_path):
     assert proc.returncode == 130, stderr[-3000:]
     assert ("deit-fast cache-teacher: interrupted; the shards already written are kept: run "
             "the same command again to finish the cache") in stderr
+
+
+def test_under_torchrun_rank_0_alone_speaks(data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "deit_fast",
+                          *run_args(data, tmp_path / "ranks", "optim.warmup_epochs=5",
+                                    "data.batch_size=4")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("is as long as the whole run") == 1
+    assert run.stderr.count("epoch 2/2: val top-1") == 1 and run.stdout.count('"complete"') == 1
+
+
+def test_shipped_recipes_pick_the_loader_for_the_machine_and_name_choices(data, tmp_path):
+    """On a CPU the recipes (data.backend: auto) render with the torch loader, not DALI's
+    slower CPU graph; a bool for a key of choices is refused listing them."""
+    import timm
+    import torch
+
+    torch.save(timm.create_model("test_efficientnet", num_classes=3).state_dict(),
+               tmp_path / "teacher.pt")
+    run = deit_fast("cache-teacher", "--config", "deit_tiny_distilled", f"data.path={data}",
+                    "model.name=deit_micro_distilled_patch4_32", "data.batch_size=4",
+                    "train.epochs=1", "train.progress=false", "distill.topk=3",
+                    "distill.teacher=test_efficientnet",
+                    f"distill.teacher_checkpoint={tmp_path / 'teacher.pt'}",
+                    f"distill.cache_dir={tmp_path / 'cache'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "views by torch" in run.stdout
+    refused = deit_fast("train", "train.compile=true")
+    assert refused.returncode == 2
+    assert "train.compile: expected str, got bool True; accepted: none, default, " \
+           "max-autotune" in refused.stderr
