@@ -48,9 +48,15 @@ from deit_fast.data_pipeline import (  # noqa: E402
     TrainBatch,
     build_train_loader,
 )
-from deit_fast.run import plan_params  # noqa: E402
+from deit_fast.resolve import plan_params, train_loading  # noqa: E402
 
-_REPEATS = 3
+
+def dali_loader(index: DatasetIndex, params: PlanParams, batch: int, workers: int,
+                device: torch.device) -> object:
+    """The trainer's DALI train loader: the recipe's seed and repeats, this run's batch."""
+    return build_train_loader(index, **{**train_loading(Config(), device), "params": params,
+                                        "batch_size": batch, "num_workers": workers,
+                                        "backend": "dali"})
 
 
 def make_tree(root: Path, images: int, unique: int) -> DatasetIndex:
@@ -66,8 +72,7 @@ def make_tree(root: Path, images: int, unique: int) -> DatasetIndex:
 def first_batch(index: DatasetIndex, params: PlanParams, batch: int, workers: int,
                 device: torch.device) -> TrainBatch:
     """Batch 0 of epoch 0 of a loader that is shut down again (its workers would compete)."""
-    loader = build_train_loader(index, params, batch_size=batch, repeats=_REPEATS,
-                                num_workers=workers, backend="dali", device=device)
+    loader = dali_loader(index, params, batch, workers, device)
     out = next(loader.epoch(0))
     del loader
     gc.collect()
@@ -91,8 +96,7 @@ def time_loader(index: DatasetIndex, params: PlanParams, args,
     """The first batch (for the check), then img/s over args.steps batches after
     args.warmup more: the pipeline's start-up is left out."""
     start = time.perf_counter()
-    loader = build_train_loader(index, params, batch_size=args.batch, repeats=_REPEATS,
-                                num_workers=args.workers, backend="dali", device=device)
+    loader = dali_loader(index, params, args.batch, args.workers, device)
     if loader.steps_per_epoch < 1 + args.warmup + args.steps:
         raise ValueError(f"--images {len(index)} gives {loader.steps_per_epoch} batches an "
                          f"epoch; the check, warm-up and steps need {1 + args.warmup + args.steps}")

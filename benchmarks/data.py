@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.run_info import add_out_argument, wrote  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
 from deit_fast.data_pipeline import DatasetIndex, build_train_loader  # noqa: E402
-from deit_fast.run import plan_params  # noqa: E402
+from deit_fast.resolve import plan_params, train_loading  # noqa: E402
 
 PHOTOS = (
     "astronaut",
@@ -98,15 +98,9 @@ def bench_loader(index: DatasetIndex, backend: str, device: torch.device, args) 
     """img/s and CPU ms per image over args.steps batches, after args.warmup batches."""
     params = dataclasses.replace(plan_params(Config()), image_size=args.image_size,
                                  rand_augment=args.rand_augment or None)
-    loader = build_train_loader(
-        index,
-        params,
-        batch_size=args.batch_size,
-        repeats=3,
-        num_workers=args.workers,
-        backend=backend,
-        device=device,
-    )
+    loader = build_train_loader(index, **{
+        **train_loading(Config(), device), "params": params, "batch_size": args.batch_size,
+        "num_workers": args.workers, "backend": backend})
     batches = (batch for epoch in range(1000) for batch in loader.epoch(epoch))
     for _ in range(args.warmup):
         next(batches)

@@ -43,7 +43,7 @@ from deit_fast.data_pipeline.plan import RA_OPS, AugmentationPlan  # noqa: E402
 from deit_fast.data_pipeline.sampler import RepeatedAugSampler  # noqa: E402
 from deit_fast.data_pipeline.torch_loader import TrainViews, normalize  # noqa: E402
 from deit_fast.data_pipeline.train_loader import SamplerKeys  # noqa: E402
-from deit_fast.run import plan_params  # noqa: E402
+from deit_fast.resolve import plan_params  # noqa: E402
 
 # one mid-strength parameter per op (magnitude 9 of 10, as the recipe's rand-m9)
 OP_PARAMS = {"rotate": 27.0, "posterize": 5.0, "solarize": 64.0, "solarize_add": 99.0,
@@ -93,7 +93,7 @@ def dali_stages(index, inputs: Inputs, args) -> dict[str, float]:
     from deit_fast.data_pipeline.dali_augment import dali_params, rand_augment_ops
 
     params = inputs.plan.params
-    sampler = RepeatedAugSampler(len(index), args.batch_size, repeats=3, rank=0, world_size=1)
+    sampler = RepeatedAugSampler(len(index), args.batch_size, repeats=3, seed=0)
     keys = SamplerKeys(sampler, 0, 0, None)
     source = dali.TrainSource(index, inputs.plan, keys, "skip", frozenset())
     size, ra = params.image_size, params.rand_augment_config

@@ -39,19 +39,22 @@ def _check_choices(backend: str, on_bad_image: str) -> None:
 def build_train_loader(
     index: DatasetIndex,
     params: PlanParams,
+    *,
     batch_size: int,
-    seed: int = 0,
-    repeats: int = 3,
+    seed: int,
+    repeats: int,
+    num_workers: int,
+    backend: str,
+    on_bad_image: str,
     rank: int = 0,
     world_size: int = 1,
-    num_workers: int = 2,
-    backend: str = "torch",
     device: torch.device | None = None,
-    on_bad_image: str = "skip",
     num_views: int | None = None,
     teacher_cache: TeacherCache | None = None,
 ) -> TrainLoader:
     """A loader with `steps_per_epoch`, `epoch(e, start_step=0, start_item=None)`, `bad_files`.
+    The run's values (batch, seed, repeats, workers, backend, bad-image policy) have no
+    defaults here: the trainer's config declares them.
 
     num_views: views wrap mod num_views (RepeatedAugSampler.views), to replay a cache of V.
     teacher_cache: its workers attach the teacher's top-k to every batch.
@@ -79,10 +82,11 @@ def view_batches(
     index: DatasetIndex,
     plan: AugmentationPlan,
     batches: list[np.ndarray],
-    backend: str = "torch",
-    num_workers: int = 2,
+    *,
+    backend: str,
+    num_workers: int,
+    on_bad_image: str,
     device: torch.device | None = None,
-    on_bad_image: str = "skip",
 ) -> Iterator[torch.Tensor]:
     """The views of listed batches of (view, sample) rows, batch by batch, as training renders
     them, on the device (the teacher-cache pass); each replaced unreadable file is warned
@@ -98,19 +102,21 @@ def view_batches(
 
 def build_val_loader(
     index: DatasetIndex,
-    image_size: int = 224,
-    crop_pct: float = 0.875,
-    batch_size: int = 256,
-    num_workers: int = 2,
-    backend: str = "torch",
+    *,
+    image_size: int,
+    crop_pct: float,
+    batch_size: int,
+    num_workers: int,
+    backend: str,
+    on_bad_image: str,
     device: torch.device | None = None,
     rank: int = 0,
     world_size: int = 1,
-    on_bad_image: str = "skip",
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
 ) -> TorchValLoader | DaliValLoader:
-    """Iterable of (images, labels) on the device; each sample once over all ranks."""
+    """Iterable of (images, labels) on the device; each sample once over all ranks; the
+    run's values have no defaults here (see build_train_loader)."""
     _check_choices(backend, on_bad_image)
     device = device or torch.device("cpu")
     if backend == "dali":

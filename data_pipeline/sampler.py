@@ -39,8 +39,8 @@ class RepeatedAugSampler:
         self,
         num_samples: int,
         batch_size: int,
-        repeats: int = 3,
-        seed: int = 0,
+        repeats: int,
+        seed: int,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:

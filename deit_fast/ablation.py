@@ -89,20 +89,61 @@ def eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
     from deit_fast import checkpoint
     from deit_fast.data_pipeline import DatasetIndex, build_val_loader
     from deit_fast.evaluate import evaluate
-    from deit_fast.resolve import image_size
+    from deit_fast.resolve import val_loading
     from deit_fast.run import build_model
 
     index = DatasetIndex.from_folder(cfg.data.path, split="val")
     model = build_model(cfg, len(index.classes), torch.device("cpu"))
     model.load_state_dict(checkpoint.load(Path(cfg.train.output_dir) / "checkpoints" /
                                           "last.pt")["model"])
-    loader = build_val_loader(index, image_size=image_size(cfg), crop_pct=cfg.data.crop_pct,
-                              batch_size=cfg.data.eval_batch_size, num_workers=0)
+    loader = build_val_loader(index, **val_loading(cfg, torch.device("cpu")))
     top1 = {}
     for head in heads:  # a plain DeiT has one head: it ignores eval_head
         model.eval_head = head
         top1[head] = evaluate(model, loader, torch.device("cpu"))["top1"]
     return top1
+
+
+def teacher_signal(cfg: Any) -> dict[str, float]:
+    """What the teacher says about the student's mixed training images beyond their mixed
+    labels, from a batches cache of the whole distribution (top-k = classes), over all its
+    batches: how often its top class is the one the mix is mostly made of (the larger
+    lambda's), its mean probability there and the mass it puts outside the two mixed
+    classes, and the mean total variation distance to the mixed one-hot labels."""
+    from deit_fast.data_pipeline import DatasetIndex, RepeatedAugSampler
+    from deit_fast.data_pipeline.teacher_cache import (
+        TeacherCache,
+        batch_rows,
+        rebuild_distribution,
+    )
+    from deit_fast.resolve import build_mixup
+
+    cache = TeacherCache(cfg.distill.cache_dir)
+    labels = torch.from_numpy(DatasetIndex.from_folder(cfg.data.path, split="train").labels)
+    d, classes = cfg.data, cache.num_classes
+    sampler = RepeatedAugSampler(len(labels), d.batch_size, d.repeats, cfg.train.seed)
+    mixup = build_mixup(d, classes, cfg.train.seed)
+    size = cfg.model.img_size
+    agree, on_top, outside, distance, n = 0.0, 0.0, 0.0, 0.0, 0
+    for epoch in range(cache.layout.groups):
+        for step in range(sampler.steps_per_epoch):
+            first = step * sampler.items_per_step
+            samples, _ = sampler.batch_at(epoch, first)
+            perm, weights = mixup.params((epoch, step, 0), size, size, len(samples))
+            one_hot = torch.eye(classes)[labels[samples]]
+            mixed = torch.lerp(one_hot[perm], one_hot, weights[6])
+            teacher = rebuild_distribution(*cache.topk(
+                [epoch] * len(samples), batch_rows(first, 0, d.batch_size)), classes)
+            top = mixed.argmax(1)
+            agree += (teacher.argmax(1) == top).sum().item()
+            on_top += teacher.gather(1, top[:, None]).sum().item()
+            outside += (teacher * (mixed == 0)).sum().item()
+            distance += 0.5 * (teacher - mixed).abs().sum().item()
+            n += len(samples)
+    return {"top_class_agrees": round(100 * agree / n, 2),
+            "probability_on_top_class": round(on_top / n, 3),
+            "mass_outside_the_mix": round(outside / n, 3),
+            "tv_distance_to_mixed_labels": round(distance / n, 3)}
 
 
 def paired(values: list[float], base: list[float]) -> dict[str, Any]:
@@ -197,7 +238,7 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     ablation = Ablation(out, students, tuple(overrides), teacher_weights(teacher_cfg))
     seeds = SELECTION_SEEDS if select and seeds == SEEDS else seeds
     rows = ablation.table((ROWS[0], *SELECTION) if select else ROWS, seeds)
-    cfg = ablation.config(seeds[0])
+    cfg = ablation.config(seeds[0], cache="batches")
     summary = {
         "regime": f"{PER_CLASS} training images per digit ({counts['train']} in all), "
                   f"{counts['val']} {'held-out training' if select else 'val'} images, "
@@ -208,6 +249,7 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
         "epochs": cfg.train.epochs, "seeds": list(seeds), "teacher": TEACHER,
         "teacher_val_top1": round(teacher_val, 2) if teacher_val is not None else
         _last_top1(teacher_cfg),
+        "teacher_signal": teacher_signal(cfg),
         "rows": rows, "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -239,5 +281,13 @@ def markdown(summary: dict[str, Any]) -> str:
             f" ({r['paired_ci95'][0]:+.2f}, {r['paired_ci95'][1]:+.2f})")
         lines.append(f"| {r['row']} | {r['head']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
                      f"| {seeds} | {diff} | {r['seconds_per_run']} |")
-    lines += ["", f"All {summary['total_seconds']} s."]
+    signal = summary["teacher_signal"]
+    lines += ["", f"What the teacher adds to the mixed labels, on the students' mixed training "
+              f"images of seed {summary['seeds'][0]} (its batches cache): its top class is "
+              f"the one the mix is mostly made of on {signal['top_class_agrees']}% of them, "
+              f"with probability {signal['probability_on_top_class']} on average; it puts "
+              f"{signal['mass_outside_the_mix']} of its mass outside the two mixed classes; "
+              f"its total variation distance to the mixed one-hot labels is "
+              f"{signal['tv_distance_to_mixed_labels']}.", "",
+              f"All {summary['total_seconds']} s."]
     return "\n".join(lines) + "\n"

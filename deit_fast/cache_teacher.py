@@ -46,11 +46,10 @@ from deit_fast.resolve import (
     build_mixup,
     cache_geometry,
     cache_identity,
-    data_backend,
     data_root,
     image_size,
+    loading,
     num_views,
-    num_workers,
     plan_params,
     resolve_device,
     views_backend,
@@ -184,7 +183,6 @@ class CachePass:
         self.autocast = lambda: autocast(device, cfg.train.precision)
 
     def run(self, work: list[TeacherBatch], shards: list[ShardSpec], bar: tqdm) -> None:
-        d = self.cfg.data
         pending = collections.Counter(b.shard.name for b in work)
         for s in shards:  # nothing to compute (rows of a views cache the run never reads)
             if not pending[s.name]:
@@ -192,8 +190,7 @@ class CachePass:
         rendered = iter(())
         if work:  # an unreadable file's replacement is rendered, as the run trains on it
             rendered = view_batches(self.index, self.plan, [b.keys for b in work],
-                                    data_backend(self.cfg, self.device), num_workers(self.cfg),
-                                    self.device, d.on_bad_image)
+                                    **loading(self.cfg, self.device))
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         with torch.inference_mode():
             for b, images in zip(work, rendered):

@@ -21,7 +21,7 @@ import torch
 from deit_fast import checkpoint
 from deit_fast.config import Config, ConfigError, load_config, resolve_recipe
 from deit_fast.ops import autocast
-from deit_fast.resolve import data_backend, data_root, image_size, num_workers, resolve_device
+from deit_fast.resolve import data_root, resolve_device, val_loading
 from deit_fast.run import build_model
 
 # What a deit-fast checkpoint's own config decides for its evaluation, unless overridden.
@@ -104,10 +104,7 @@ def evaluate_checkpoint(config_file: str | None, overrides: list[str], checkpoin
             raise ConfigError(f"--head {head}: model {cfg.model.name} has one head; --head "
                               "picks a head of a model with a distillation token")
         model.eval_head = head
-    loader = build_val_loader(val_index, image_size=image_size(cfg), crop_pct=cfg.data.crop_pct,
-                              batch_size=cfg.data.eval_batch_size,
-                              num_workers=num_workers(cfg), backend=data_backend(cfg, device),
-                              device=device, on_bad_image=cfg.data.on_bad_image)
+    loader = build_val_loader(val_index, **val_loading(cfg, device))
     if relabel is not None:
         relabel = relabel.to(device)
         loader = ((images, relabel[labels]) for images, labels in loader)

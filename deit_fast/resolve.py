@@ -80,6 +80,25 @@ def num_workers(cfg: Config) -> int:
     return min(8, max(1, share))
 
 
+def loading(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """How the config asks data to be read (workers, backend, bad-image policy): arguments of
+    data_pipeline's loaders, which declare no defaults of their own."""
+    return {"num_workers": num_workers(cfg), "backend": data_backend(cfg, device),
+            "on_bad_image": cfg.data.on_bad_image, "device": device}
+
+
+def train_loading(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """build_train_loader's arguments from the config (all but the index and its rank)."""
+    return {"params": plan_params(cfg), "batch_size": cfg.data.batch_size,
+            "seed": cfg.train.seed, "repeats": cfg.data.repeats, **loading(cfg, device)}
+
+
+def val_loading(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """build_val_loader's arguments from the config (all but the index and its rank)."""
+    return {"image_size": image_size(cfg), "crop_pct": cfg.data.crop_pct,
+            "batch_size": cfg.data.eval_batch_size, **loading(cfg, device)}
+
+
 def views_backend(cfg: Config, device: torch.device) -> str:
     """The decoder that renders the views: torch (PIL), dali-cpu or dali-gpu. Decoders
     differ by a few pixel levels, so a cache records the one its views came from."""

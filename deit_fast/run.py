@@ -19,13 +19,12 @@ from deit_fast.ops import resolve_kernels
 from deit_fast.resolve import (
     build_mixup,
     cache_identity,
-    data_backend,
     data_root,
     image_size,
     num_views,
-    num_workers,
-    plan_params,
     resolve_device,
+    train_loading,
+    val_loading,
 )
 from deit_fast.teacher import TeacherTargets, load_teacher
 from deit_fast.train import Trainer
@@ -124,8 +123,7 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
     )
     from deit_fast.data_pipeline.dataset import split_classes_differ
 
-    root, d = data_root(cfg), cfg.data
-    backend, workers = data_backend(cfg, device), num_workers(cfg)
+    root = data_root(cfg)
     train_index = DatasetIndex.from_folder(root, split="train")
     val_loader = None
     if cfg.train.eval_interval:  # 0: the run never evaluates, and needs no val/
@@ -133,18 +131,14 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int
         differ = split_classes_differ(str(root), train_index.classes, val_index.classes)
         if differ:
             raise ValueError(differ)
-        val_loader = build_val_loader(
-            val_index, image_size=image_size(cfg), crop_pct=d.crop_pct,
-            batch_size=d.eval_batch_size, num_workers=workers, backend=backend,
-            device=device, rank=rank, world_size=world_size, on_bad_image=d.on_bad_image)
+        val_loader = build_val_loader(val_index, **val_loading(cfg, device), rank=rank,
+                                      world_size=world_size)
     cache = open_teacher_cache(cfg, train_index, device, world_size)
     train_loader = build_train_loader(
-        train_index, params=plan_params(cfg), batch_size=d.batch_size, seed=cfg.train.seed,
-        repeats=d.repeats, rank=rank, world_size=world_size, num_workers=workers,
-        backend=backend, device=device, on_bad_image=d.on_bad_image,
+        train_index, **train_loading(cfg, device), rank=rank, world_size=world_size,
         num_views=num_views(cfg) if cache and cache.mode == "views" else None,
         teacher_cache=cache)
-    mixup = build_mixup(d, len(train_index.classes), cfg.train.seed)
+    mixup = build_mixup(cfg.data, len(train_index.classes), cfg.train.seed)
     return train_index, train_loader, val_loader, mixup
 
 

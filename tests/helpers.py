@@ -16,7 +16,7 @@ import timm
 import torch
 from PIL import Image
 
-from deit_fast import checkpoint
+from deit_fast import checkpoint, resolve
 from deit_fast.config import Config, load_config, to_dict
 from deit_fast.data_pipeline import Mixup, PlanParams
 from deit_fast.losses import DistillationLoss
@@ -39,6 +39,19 @@ def recipe_mixup(num_classes: int, seed: int = 0, **changes) -> Mixup:
     """The default config's Mixup (the DeiT recipe), with data-config `changes` applied
     (mixup=, cutmix=, mixup_prob=, mixup_switch_prob=, label_smoothing=)."""
     return build_mixup(dataclasses.replace(Config().data, **changes), num_classes, seed)
+
+
+def train_loading(**changes) -> dict:
+    """build_train_loader's arguments but the index and plan: the default config's (seed,
+    repeats, backend, bad-image policy), on the CPU with no worker process, and `changes`."""
+    run = resolve.train_loading(Config(), torch.device("cpu"))
+    del run["params"]
+    return {**run, "num_workers": 0, **changes}
+
+
+def val_loading(**changes) -> dict:
+    """build_val_loader's arguments but the index, as train_loading."""
+    return {**resolve.val_loading(Config(), torch.device("cpu")), "num_workers": 0, **changes}
 
 
 def recipe_plan(**changes) -> PlanParams:
@@ -95,8 +108,8 @@ def seeded_eval(data: Path, rank: int = 0, world_size: int = 1) -> dict[str, flo
 
     torch.manual_seed(0)
     model = create_model("deit_micro_patch4_32", num_classes=3, depth=1)
-    loader = build_val_loader(DatasetIndex.from_folder(data, split="val"), image_size=32,
-                              batch_size=4, num_workers=0, rank=rank, world_size=world_size)
+    loader = build_val_loader(DatasetIndex.from_folder(data, split="val"), **val_loading(
+        image_size=32, batch_size=4, num_workers=0, rank=rank, world_size=world_size))
     return evaluate(model, loader, torch.device("cpu"))
 
 

@@ -18,7 +18,7 @@ from deit_fast.data_pipeline.teacher_cache import TeacherCache, TeacherCacheMism
 from deit_fast.resolve import build_mixup, plan_params
 from deit_fast.run import open_teacher_cache, train
 from deit_fast.teacher import TeacherTargets
-from tests.helpers import ROOT, TEACHER, write_tiny_imagefolder
+from tests.helpers import ROOT, TEACHER, train_loading, val_loading, write_tiny_imagefolder
 
 CLASSES = 3
 TARGETS = TeacherTargets.__call__  # the one path of teacher targets, recorded around
@@ -33,8 +33,8 @@ def setup(tmp_path_factory):
     write_tiny_imagefolder(root / "data", classes=CLASSES, per_class=5, size=36)
     torch.manual_seed(0)
     teacher = timm.create_model(TEACHER, num_classes=CLASSES)
-    loader = build_val_loader(DatasetIndex.from_folder(root / "data", split="train"),
-                              image_size=32, batch_size=15, num_workers=0)
+    loader = build_val_loader(DatasetIndex.from_folder(root / "data", split="train"), **val_loading(
+        image_size=32, batch_size=15, num_workers=0))
     images, labels = next(iter(loader))
     optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
     for _ in range(30):
@@ -112,9 +112,9 @@ def test_each_rank_reads_the_teacher_on_its_own_mixed_batch(setup):
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
     mixup = build_mixup(cfg.data, CLASSES, cfg.train.seed)
     for rank in (0, 1):
-        loader = build_train_loader(index, plan_params(cfg), batch_size=2, seed=cfg.train.seed,
-                                    repeats=2, rank=rank, world_size=2, num_workers=0,
-                                    teacher_cache=cache)
+        loader = build_train_loader(index, plan_params(cfg), **train_loading(
+            batch_size=2, seed=cfg.train.seed, repeats=2, rank=rank, world_size=2, num_workers=0,
+            teacher_cache=cache))
         for epoch in (0, 1):
             for step, batch in enumerate(loader.epoch(epoch)):
                 images = mixup.mix_images(batch.images,

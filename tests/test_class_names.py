@@ -15,7 +15,7 @@ import torch
 from deit_fast import checkpoint
 from deit_fast.data_pipeline import DatasetIndex, build_val_loader
 from deit_fast.models import create_model
-from tests.helpers import ROOT, overrides, write_tiny_imagefolder
+from tests.helpers import ROOT, overrides, val_loading, write_tiny_imagefolder
 
 
 def deit_fast(*args: str) -> subprocess.CompletedProcess:
@@ -67,8 +67,8 @@ def test_eval_refuses_a_renamed_class_and_scores_a_missing_one_by_name(trained):
     model.load_state_dict(checkpoint.load(ckpt)["model"])
     model.eval()
     index = DatasetIndex.from_folder(str(partial), split="val")
-    images, labels = next(iter(build_val_loader(index, image_size=32, batch_size=64,
-                                                num_workers=0)))
+    images, labels = next(iter(build_val_loader(index, **val_loading(
+        image_size=32, batch_size=64, num_workers=0))))
     with torch.no_grad():
         hits = (model(images).argmax(1) == labels + 1).float().mean().item()
     assert result(run)["top1"] == pytest.approx(100 * hits)

@@ -9,7 +9,7 @@ from deit_fast.data_pipeline.loader import BACKENDS, BAD_IMAGE_POLICIES
 from deit_fast.demo import demo_config
 from deit_fast.losses import DISTILL_TYPES, DistillationLoss
 from deit_fast.ops import ATTENTION, GELU, LAYERNORM, KernelChoice
-from deit_fast.run import plan_params
+from deit_fast.resolve import plan_params
 from tests.helpers import ROOT
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -21,7 +21,7 @@ from deit_fast.data_pipeline import (
 from deit_fast.data_pipeline.dataset import read_rgb
 from deit_fast.data_pipeline.plan import replacement_sample
 from deit_fast.data_pipeline.torch_loader import TrainViews
-from tests.helpers import recipe_plan
+from tests.helpers import recipe_plan, train_loading, val_loading
 
 SIZE = 32
 BAD = ("text.jpg", "truncated.jpg")  # the header parse refuses both
@@ -120,10 +120,10 @@ def test_the_main_process_records_reports_and_reads_no_image(tmp_path, backend, 
                      f"{reader_reason(backend, path)}" for path in bad)
     opened = main_process_reads(monkeypatch, tmp_path)
     params = recipe_plan(image_size=SIZE, rand_augment=None)
-    loader = build_train_loader(index=train, params=params, batch_size=4, num_workers=1,
-                                backend=backend)
-    validation = build_val_loader(val, image_size=SIZE, batch_size=4, num_workers=1,
-                                  backend=backend)
+    loader = build_train_loader(index=train, params=params, **train_loading(
+        batch_size=4, num_workers=1, backend=backend))
+    validation = build_val_loader(val, **val_loading(
+        image_size=SIZE, batch_size=4, num_workers=1, backend=backend))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for epoch in range(6):  # two cycles of R = 3: every file is met, most more than once
@@ -140,8 +140,8 @@ def test_the_error_policy_raises_the_workers_error(tmp_path, backend, monkeypatc
     first_bad = next(p for p in index.paths if p.endswith(BAD))  # validation reads in order
     reason = reader_reason(backend, first_bad)
     opened = main_process_reads(monkeypatch, tmp_path)
-    val = build_val_loader(index, image_size=SIZE, batch_size=4, num_workers=1,
-                           backend=backend, on_bad_image="error")
+    val = build_val_loader(index, **val_loading(
+        image_size=SIZE, batch_size=4, num_workers=1, backend=backend, on_bad_image="error"))
     with pytest.raises(BadImageError) as error:
         list(val)
     assert str(error.value) == reason and opened == []
@@ -159,8 +159,9 @@ def test_dali_decodes_the_failing_batch_alone_to_name_an_undecodable_file(tmp_pa
     monkeypatch.setattr(dali, "read_rgb", lambda path: decoded.append(path) or read_rgb(path))
     body = str(tmp_path / "val/b/body.png")
     index = write_tree(tmp_path, "val", undecodable=True)
-    val = build_val_loader(index, image_size=SIZE, batch_size=len(index), num_workers=1,
-                           backend="dali")  # one batch: the BAD files beside body.png
+    val = build_val_loader(index, **val_loading(
+        image_size=SIZE, batch_size=len(index), num_workers=1,
+        backend="dali"))  # one batch: the BAD files beside body.png
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         (labels,) = [y for _, y in val]
@@ -172,8 +173,9 @@ def test_dali_decodes_the_failing_batch_alone_to_name_an_undecodable_file(tmp_pa
 
     index = write_tree(tmp_path / "train_run", undecodable=True)
     decoded.clear()
-    loader = build_train_loader(index, recipe_plan(image_size=SIZE, rand_augment=None),
-                                batch_size=3, num_workers=1, backend="dali")
+    params = recipe_plan(image_size=SIZE, rand_augment=None)
+    loader = build_train_loader(index, params, **train_loading(
+        batch_size=3, num_workers=1, backend="dali"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for epoch in range(6):  # body.png fails a batch that has batches after it

@@ -24,7 +24,7 @@ from deit_fast.data_pipeline import (  # noqa: E402
 from deit_fast.data_pipeline.dali_augment import dali_params, rand_augment_ops  # noqa: E402
 from deit_fast.data_pipeline.pil_augment import apply_rand_augment_op  # noqa: E402
 from deit_fast.data_pipeline.plan import RA_OPS  # noqa: E402
-from tests.helpers import recipe_plan  # noqa: E402
+from tests.helpers import recipe_plan, train_loading, val_loading  # noqa: E402
 
 SIZE = 64
 GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -53,7 +53,8 @@ def photo_tree(tmp_path_factory):
 
 
 def _epoch(index, params, backend, epoch=0, **kw):
-    loader = build_train_loader(index, params, batch_size=4, num_workers=1, backend=backend)
+    loader = build_train_loader(index, params, **train_loading(
+        batch_size=4, num_workers=1, backend=backend))
     return list(loader.epoch(epoch, **kw))
 
 
@@ -114,7 +115,8 @@ def test_dali_rand_augment_ops_match_pil():
 def test_dali_rand_augment_and_resume(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
     params = recipe_plan(image_size=SIZE)
-    loader = build_train_loader(index, params, batch_size=4, num_workers=1, backend="dali")
+    loader = build_train_loader(index, params, **train_loading(
+        batch_size=4, num_workers=1, backend="dali"))
     first = list(loader.epoch(0))
     second = list(loader.epoch(1))  # the running pipeline continues into the next epoch
     resumed = list(loader.epoch(1, start_step=1))  # a fresh pipeline from mid-epoch
@@ -158,7 +160,8 @@ def test_dali_replaces_bad_files_like_torch(bad_tree):
     params = recipe_plan(image_size=32, rand_augment=None)
     shown, counts = {}, {}
     for backend in ("dali", "torch"):
-        loader = build_train_loader(index, params, batch_size=6, num_workers=1, backend=backend)
+        loader = build_train_loader(index, params, **train_loading(
+            batch_size=6, num_workers=1, backend=backend))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # two cycles of R = 3 epochs: an epoch holds 18 of the 19 files, so one cycle
@@ -181,14 +184,8 @@ def test_dali_replaces_bad_files_like_torch(bad_tree):
 
 def test_dali_error_policy_names_the_file(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
-    loader = build_train_loader(
-        index,
-        recipe_plan(image_size=32),
-        batch_size=6,
-        num_workers=1,
-        backend="dali",
-        on_bad_image="error",
-    )
+    loader = build_train_loader(index, recipe_plan(image_size=32), **train_loading(
+        batch_size=6, num_workers=1, backend="dali", on_bad_image="error"))
     with pytest.raises(
         Exception, match=r"cannot decode image .*(truncated\.jpg|text\.jpg|body\.png)"
     ):
@@ -196,14 +193,8 @@ def test_dali_error_policy_names_the_file(bad_tree):
     (bad_tree / "train/a/truncated.jpg").unlink()
     (bad_tree / "train/a/text.jpg").unlink()  # left: body.png, which only the decoder rejects
     index = DatasetIndex.from_folder(str(bad_tree))
-    loader = build_train_loader(
-        index,
-        recipe_plan(image_size=32),
-        batch_size=5,
-        num_workers=1,
-        backend="dali",
-        on_bad_image="error",
-    )
+    loader = build_train_loader(index, recipe_plan(image_size=32), **train_loading(
+        batch_size=5, num_workers=1, backend="dali", on_bad_image="error"))
     with pytest.raises(BadImageError, match=r"cannot decode image .*body\.png: DALI's decoder"):
         [b for epoch in range(3) for b in loader.epoch(epoch)]
 
@@ -214,15 +205,9 @@ def test_dali_val_matches_torch_and_drops_bad_files(bad_tree):
     for backend in ("dali", "torch"):
         collected = []
         for rank in range(2):
-            val = build_val_loader(
-                index,
-                image_size=32,
-                batch_size=4,
-                num_workers=1,
-                backend=backend,
-                rank=rank,
-                world_size=2,
-            )
+            val = build_val_loader(index, **val_loading(
+                image_size=32, batch_size=4, num_workers=1, backend=backend, rank=rank,
+                world_size=2))
             with warnings.catch_warnings(record=True):
                 warnings.simplefilter("always")
                 collected += list(val)

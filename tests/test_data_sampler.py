@@ -42,7 +42,7 @@ def test_ranks_split_the_epoch_and_copies_go_to_distinct_ranks(world):
     ]
     assert len({(s, k) for s, k, _ in items}) == len(items)  # no (sample, repeat) twice
     assert len(items) == (n - n % repeats) // (batch * world) * batch * world
-    order_s, order_k = RepeatedAugSampler(n, batch, repeats).epoch_order(4)
+    order_s, order_k = RepeatedAugSampler(n, batch, repeats, 0).epoch_order(4)
     assert {(s, k) for s, k, _ in items} == set(zip(order_s[: len(items)], order_k[: len(items)]))
     if world >= repeats:
         ranks_of = {}
@@ -58,7 +58,7 @@ def test_epochs_and_seeds_differ_and_are_reproducible():
         a.epoch_order(3)[0], RepeatedAugSampler(1000, 8, 3, 1).epoch_order(3)[0]
     )
     np.testing.assert_array_equal(
-        a.epoch_order(7)[0], RepeatedAugSampler(1000, 8, 3).epoch_order(7)[0]
+        a.epoch_order(7)[0], RepeatedAugSampler(1000, 8, 3, 0).epoch_order(7)[0]
     )
 
 
@@ -108,9 +108,9 @@ def test_epoch_length_is_deits_on_imagenet():
 
 def test_too_small_dataset_and_bad_rank_are_refused():
     with pytest.raises(ValueError, match="10 samples make no full step of batch_size 16"):
-        RepeatedAugSampler(10, 16, 3)
+        RepeatedAugSampler(10, 16, 3, 0)
     with pytest.raises(ValueError, match=r"rank 2 must be in \[0, world_size=2\)"):
-        RepeatedAugSampler(100, 4, 3, rank=2, world_size=2)
+        RepeatedAugSampler(100, 4, 3, 0, rank=2, world_size=2)
 
 
 @pytest.mark.parametrize("n,repeats,epochs,views", [(100, 3, 7, 9), (99, 3, 6, 6), (50, 1, 4, 4),

@@ -24,7 +24,7 @@ from deit_fast.data_pipeline import (
 from deit_fast.data_pipeline.dataset import read_rgb
 from deit_fast.data_pipeline.loader import view_batches
 from deit_fast.data_pipeline.torch_loader import TrainViews, erase, finish
-from tests.helpers import recipe_plan
+from tests.helpers import recipe_plan, train_loading, val_loading
 
 SIZE = 48
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "hubble_deep_field")
@@ -61,8 +61,10 @@ def _by_key(batches):
 def test_same_images_for_any_workers_and_batch_size(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
     params = recipe_plan(image_size=SIZE)
-    a = _collect(build_train_loader(index, params, batch_size=4, num_workers=0), epoch=2)
-    b = _collect(build_train_loader(index, params, batch_size=2, num_workers=2), epoch=2)
+    a = _collect(build_train_loader(index, params, **train_loading(
+        batch_size=4, num_workers=0)), epoch=2)
+    b = _collect(build_train_loader(index, params, **train_loading(
+        batch_size=2, num_workers=2)), epoch=2)
     ka, kb = _by_key(a), _by_key(b)
     assert set(ka) <= set(kb) and len(ka) == 4 * len(a)
     for key, img in ka.items():
@@ -76,7 +78,8 @@ def test_same_images_for_any_workers_and_batch_size(photo_tree):
 
 def test_resume_mid_epoch_is_exact(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=3, num_workers=0)
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), **train_loading(
+        batch_size=3, num_workers=0))
     full = _collect(loader, epoch=1)
     resumed = _collect(loader, epoch=1, start_step=2)
     assert len(full) == loader.steps_per_epoch and len(resumed) == len(full) - 2
@@ -88,7 +91,8 @@ def test_resume_mid_epoch_is_exact(photo_tree):
 def test_images_follow_the_plan(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
     params = recipe_plan(image_size=SIZE, rand_augment=None, reprob=1.0)
-    batch = _collect(build_train_loader(index, params, batch_size=4, num_workers=0), epoch=0)[0]
+    batch = _collect(build_train_loader(index, params, **train_loading(
+        batch_size=4, num_workers=0)), epoch=0)[0]
     plan = AugmentationPlan(params, seed=0)
     mean = torch.tensor(params.mean).view(3, 1, 1)
     std = torch.tensor(params.std).view(3, 1, 1)
@@ -112,9 +116,12 @@ def test_rand_augment_changes_images_deterministically(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
     on = recipe_plan(image_size=SIZE, rand_augment="rand-m9-mstd0.5-inc1-p1", reprob=0)
     off = recipe_plan(image_size=SIZE, rand_augment=None, reprob=0)
-    a = _collect(build_train_loader(index, on, batch_size=4, num_workers=0), epoch=0)[0]
-    b = _collect(build_train_loader(index, off, batch_size=4, num_workers=0), epoch=0)[0]
-    again = _collect(build_train_loader(index, on, batch_size=4, num_workers=0), epoch=0)[0]
+    a = _collect(build_train_loader(index, on, **train_loading(
+        batch_size=4, num_workers=0)), epoch=0)[0]
+    b = _collect(build_train_loader(index, off, **train_loading(
+        batch_size=4, num_workers=0)), epoch=0)[0]
+    again = _collect(build_train_loader(index, on, **train_loading(
+        batch_size=4, num_workers=0)), epoch=0)[0]
     assert torch.equal(a.images, again.images)
     assert all((x - y).abs().mean() > 0.01 for x, y in zip(a.images, b.images))
 
@@ -149,7 +156,8 @@ BAD = ("truncated.jpg", "corrupt.jpg", "text.jpg")
 def test_bad_files_are_replaced_counted_and_named(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
     bad_ids = {i for i, p in enumerate(index.paths) if p.endswith(BAD)}
-    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=6, num_workers=0)
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), **train_loading(
+        batch_size=6, num_workers=0))
     with pytest.warns(UserWarning) as caught:
         batches = _collect(loader, epoch=0) + _collect(loader, epoch=1) + _collect(loader, epoch=2)
     shown = {int(s) for b in batches for s in b.samples}
@@ -170,9 +178,8 @@ def test_bad_files_are_replaced_counted_and_named(bad_tree):
 
 def test_bad_file_with_error_policy_raises_naming_it(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
-    loader = build_train_loader(
-        index, recipe_plan(image_size=SIZE), batch_size=18, num_workers=0, on_bad_image="error"
-    )
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), **train_loading(
+        batch_size=18, num_workers=0, on_bad_image="error"))
     with pytest.raises(
         BadImageError, match=r"cannot decode image .*/a/(truncated|corrupt|text)\.jpg"
     ):
@@ -184,7 +191,8 @@ def test_each_replaced_file_is_warned_once_with_its_reason(bad_tree):
     """The workers hand back each skipped file with the reason their reader raised; the main
     process warns once per file with it."""
     index = DatasetIndex.from_folder(str(bad_tree))
-    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=6, num_workers=1)
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), **train_loading(
+        batch_size=6, num_workers=1))
     with pytest.warns(UserWarning) as caught:
         for epoch in range(3):
             _collect(loader, epoch=epoch)
@@ -204,30 +212,32 @@ def test_view_batches_render_listed_views_as_training_does(bad_tree):
     rows = np.array([(view, sample) for view in (2, 5) for sample in range(len(index))])
     batches = [rows[:7], rows[7:]]
     with pytest.warns(UserWarning, match=r"(truncated|corrupt|text)\.jpg"):
-        rendered = list(view_batches(index, plan, batches, "torch", num_workers=1))
+        rendered = list(view_batches(index, plan, batches, backend="torch", num_workers=1,
+                                     on_bad_image="skip"))
     expected = TrainViews(index, plan, "skip", finish_in_worker=True).__getitems__(
         [(int(v), int(s), 0, int(v), int(s)) for v, s in rows]
     )["images"]
     assert torch.equal(torch.cat(rendered), expected)
     with pytest.raises(BadImageError, match=r"cannot decode image .*/a/(truncated|corrupt|text)"):
-        list(view_batches(index, plan, batches, "torch", num_workers=0, on_bad_image="error"))
+        list(view_batches(index, plan, batches, backend="torch", num_workers=0,
+                          on_bad_image="error"))
 
 
 def test_unknown_backend_or_policy_is_refused(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
     with pytest.raises(ValueError, match=r"data backend 'tf': accepted \('torch', 'dali'\)"):
-        build_train_loader(index, recipe_plan(), batch_size=2, backend="tf")
+        build_train_loader(index, recipe_plan(), **train_loading(batch_size=2, backend="tf"))
     with pytest.raises(ValueError, match="on_bad_image 'ignore'"):
-        build_train_loader(index, recipe_plan(), batch_size=2, on_bad_image="ignore")
+        build_train_loader(index, recipe_plan(), **train_loading(
+            batch_size=2, on_bad_image="ignore"))
 
 
 def test_val_every_sample_once_over_ranks(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
     seen = []
     for rank in range(4):  # 24 samples, batch 5: ranks get 6 each, batches 5 + 1
-        val = build_val_loader(
-            index, image_size=SIZE, batch_size=5, num_workers=rank % 2, rank=rank, world_size=4
-        )
+        val = build_val_loader(index, **val_loading(
+            image_size=SIZE, batch_size=5, num_workers=rank % 2, rank=rank, world_size=4))
         for images, labels in val:
             assert images.shape[1:] == (3, SIZE, SIZE)
             seen.extend(labels.tolist())
@@ -236,7 +246,8 @@ def test_val_every_sample_once_over_ranks(photo_tree):
 
 def test_val_matches_resize_and_centre_crop(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    images, _ = next(iter(build_val_loader(index, image_size=SIZE, batch_size=2, num_workers=0)))
+    images, _ = next(iter(build_val_loader(index, **val_loading(
+        image_size=SIZE, batch_size=2, num_workers=0))))
     src = Image.open(index.paths[0]).convert("RGB")
     ref = F.center_crop(F.resize(src, int(SIZE / 0.875), InterpolationMode.BICUBIC), SIZE)
     ref = F.normalize(F.to_tensor(ref), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -245,7 +256,7 @@ def test_val_matches_resize_and_centre_crop(photo_tree):
 
 def test_val_drops_bad_files(bad_tree):
     index = DatasetIndex.from_folder(str(bad_tree))
-    val = build_val_loader(index, image_size=SIZE, batch_size=4, num_workers=0)
+    val = build_val_loader(index, **val_loading(image_size=SIZE, batch_size=4, num_workers=0))
     with pytest.warns(UserWarning) as caught:
         labels = [y for _, ys in val for y in ys.tolist()]
     assert len(labels) == len(index) - 3 and val.bad_images == len(caught) == 3
@@ -302,8 +313,8 @@ def test_finish_on_the_gpu_matches_the_cpu(photo_tree):
 @pytest.mark.gpu
 def test_only_what_the_step_reads_is_copied_to_the_gpu(photo_tree):
     index = DatasetIndex.from_folder(str(photo_tree))
-    loader = build_train_loader(index, recipe_plan(image_size=SIZE), batch_size=4, num_workers=1,
-                                device=torch.device("cuda"))
+    loader = build_train_loader(index, recipe_plan(image_size=SIZE), **train_loading(
+        batch_size=4, num_workers=1, device=torch.device("cuda")))
     batch = next(loader.epoch(0))
     assert batch.images.is_cuda and batch.labels.is_cuda
     assert not any(t.is_cuda for t in (batch.samples, batch.repeats, batch.views))

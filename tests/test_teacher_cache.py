@@ -22,7 +22,7 @@ from deit_fast.data_pipeline.teacher_cache import (
 )
 from deit_fast.resolve import plan_params
 from deit_fast.run import open_teacher_cache
-from tests.helpers import TEACHER, teacher_setup
+from tests.helpers import TEACHER, teacher_setup, train_loading
 
 
 def header(**changes):
@@ -188,9 +188,9 @@ def test_ranks_split_the_work(tmp_path):
 def replay_reads(cfg, batch_size: int) -> list[set[tuple[int, int]]]:
     """The (view, sample) pairs a run of cfg reads, epoch by epoch, through its real loader."""
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
-    loader = build_train_loader(index, plan_params(cfg), batch_size=batch_size,
-                                seed=cfg.train.seed, repeats=cfg.data.repeats, num_workers=0,
-                                num_views=cfg.distill.num_views)
+    loader = build_train_loader(index, plan_params(cfg), **train_loading(
+        batch_size=batch_size, seed=cfg.train.seed, repeats=cfg.data.repeats, num_workers=0,
+        num_views=cfg.distill.num_views))
     return [{(int(v), int(s)) for batch in loader.epoch(e)
              for v, s in zip(batch.views, batch.samples)} for e in range(cfg.train.epochs)]
 
@@ -226,8 +226,9 @@ def test_targets_travel_with_the_batch_and_are_the_teacher_on_its_view(tmp_path)
     teacher.load_state_dict(torch.load(cfg.distill.teacher_checkpoint, weights_only=True))
     teacher.eval()
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
-    loader = build_train_loader(index, plan_params(cfg), batch_size=4, seed=cfg.train.seed,
-                                repeats=2, num_workers=1, num_views=3, teacher_cache=cache)
+    loader = build_train_loader(index, plan_params(cfg), **train_loading(
+        batch_size=4, seed=cfg.train.seed, repeats=2, num_workers=1, num_views=3,
+        teacher_cache=cache))
     checked = set()
     for epoch in (0, 2):  # views 0, 1, then 2, 3 mod 3 = 0
         batch = next(iter(loader.epoch(epoch)))
@@ -279,9 +280,9 @@ def test_dali_cpu_cache_is_the_teacher_on_the_students_dali_views(tmp_path):
     teacher.load_state_dict(torch.load(cfg.distill.teacher_checkpoint, weights_only=True))
     teacher.eval()
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
-    loader = build_train_loader(index, plan_params(cfg), batch_size=4, seed=cfg.train.seed,
-                                repeats=2, num_workers=1, backend="dali", num_views=3,
-                                teacher_cache=cache)
+    loader = build_train_loader(index, plan_params(cfg), **train_loading(
+        batch_size=4, seed=cfg.train.seed, repeats=2, num_workers=1, backend="dali", num_views=3,
+        teacher_cache=cache))
     batches = list(loader.epoch(0))
     assert len(batches) == 3
     for batch in batches:
