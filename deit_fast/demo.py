@@ -2,9 +2,9 @@
 on the CPU, in the regime `deit-fast demo --ablation` measures (deit_fast/ablation.py).
 
 The 1797 8x8 digits are written as 32x32 RGB JPEGs in ImageFolder trees with one fixed,
-stratified 80/20 train/val split, so the demo runs the same data path as ImageNet. The
-students learn 40 training digits of each class (400); the teacher, timm's test_resnet,
-learns all 1,438 through the same Trainer. Stages: the plain student (configs/demo.yaml),
+stratified train/val split (VAL_FRACTION), so the demo runs the same data path as
+ImageNet. The students learn 40 training digits of each class (400); the teacher, timm's
+test_resnet, learns all 899 through the same Trainer. Stages: the plain student (configs/demo.yaml),
 the teacher, its batches cache (the teacher's output on every mixed batch the distilled
 student will train on), and the student distilled through its distillation token with the
 ablation's chosen row (DISTILLED). summary.json holds both students, the gap, and the
@@ -131,11 +131,23 @@ def teacher_weights(cfg: Config) -> Path:
 def run_demo(output_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
              teacher_overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Digits; the plain student; the teacher; its batches cache; the distilled student.
-    Writes and returns summary.json."""
+    Writes and returns summary.json. One CPU thread, as the ablation: its students are the
+    ablation's seed 0 (another thread count rounds differently, and the runs drift)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(Path(output_dir), overrides, teacher_overrides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(output_dir: Path, overrides: list[str] | tuple[str, ...],
+              teacher_overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     from deit_fast.cache_teacher import cache_teacher
     from deit_fast.run import train
 
-    output_dir = Path(output_dir)
     students, everything = output_dir / "digits_40", output_dir / "digits"
     cfg = demo_config(output_dir, overrides, data=students)
     teacher_cfg = demo_config(output_dir, [*overrides, *TEACHER_OVERRIDES, *teacher_overrides,

@@ -64,7 +64,7 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_choice_lists_are_the_checking_modules_own():
-    assert CHOICES["data.backend"] is BACKENDS
+    assert CHOICES["data.backend"] == ("auto", *BACKENDS)  # auto: resolve.data_backend
     assert CHOICES["data.on_bad_image"] is BAD_IMAGE_POLICIES
     assert CHOICES["distill.type"] is DISTILL_TYPES
     for op, impls in (("attention", ATTENTION), ("layernorm", LAYERNORM), ("gelu", GELU)):
