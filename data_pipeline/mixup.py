@@ -79,7 +79,7 @@ class Mixup:
 
     def params(self, key: tuple[int, ...], height: int, width: int,
                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The draw as host tensors: the permutation (int64), and float32 (top, bottom,
+        """The draw as host tensors: the pairing (int64), and float32 (top, bottom,
         left, right, pixel weight inside the box, outside it, label lambda)."""
         lam, box, perm = self.draw(key, height, width, batch_size)
         if perm is None:

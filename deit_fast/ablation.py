@@ -27,6 +27,7 @@ each run's result is kept, and a rerun skips it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -251,7 +252,11 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
         "teacher_val_top1": round(teacher_val, 2) if teacher_val is not None else
         _last_top1(teacher_cfg),
         "teacher_signal": teacher_signal(cfg),
-        "rows": rows, "total_seconds": round(time.perf_counter() - started, 1),
+        "rows": rows, "run_seconds": round(sum(r["seconds"] for r in ablation.done.values()
+                                               if r["row"] in {row["row"] for row in rows}
+                                               and r["seed"] in seeds), 1),
+        "seconds_this_call": round(time.perf_counter() - started, 1),
+        "provenance": provenance(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if table is not None:
@@ -259,6 +264,29 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
         Path(table).write_text(markdown(summary))
         Path(table).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def provenance() -> dict[str, str]:
+    """What produced a table: the command, the date, the machine, the versions, the commit."""
+    import datetime
+    import platform
+    import subprocess
+    import sys
+
+    from deit_fast import REPOSITORY
+
+    commit = "unknown"
+    if REPOSITORY is not None:
+        found = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"],
+                               capture_output=True, text=True)
+        commit = found.stdout.strip() or commit
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").is_file() else platform.processor()
+    cli = Path(sys.argv[0]).name in ("deit-fast", "__main__.py")  # else a Python caller
+    return {"command": "deit-fast " + " ".join(sys.argv[1:]) if cli else "run_ablation(...)",
+            "date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} "
+            "cores, 1 torch thread", "torch": torch.__version__, "commit": commit}
 
 
 def _last_top1(cfg: Any) -> float | None:
@@ -269,7 +297,10 @@ def _last_top1(cfg: Any) -> float | None:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = [f"Regime: {summary['regime']}. Teacher {summary['teacher']} on all training "
+    p = summary["provenance"]
+    lines = [f"`{p['command']}` ({p['date']}, commit {p['commit']}, {p['machine']}, torch "
+             f"{p['torch']}).", "",
+             f"Regime: {summary['regime']}. Teacher {summary['teacher']} on all training "
              f"digits: val top-1 {summary['teacher_val_top1']}%. Top-1 (%) on the "
              f"{summary['split']} digits; the paired difference is to the plain student on "
              "the same seeds, with its 95% t-interval.", "",
@@ -290,5 +321,5 @@ def markdown(summary: dict[str, Any]) -> str:
               f"{signal['mass_outside_the_mix']} of its mass outside the two mixed classes; "
               f"its total variation distance to the mixed one-hot labels is "
               f"{signal['tv_distance_to_mixed_labels']}.", "",
-              f"All {summary['total_seconds']} s."]
+              f"{summary['run_seconds']} s of training and caching in all (teacher aside)."]
     return "\n".join(lines) + "\n"
