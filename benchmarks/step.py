@@ -175,7 +175,7 @@ def build_trainer(model: nn.Module, name: str, setting: Setting, batch: int, run
         f"train.output_dir={run_dir}"])
     size = run.overrides.get("img_size", 224)  # every benchmarked model is a 224 px one
     classes = model.num_classes
-    # a cached teacher's top-5 log-probabilities, as the loader's batches carry them
+    # a cache's top-5 log-probabilities of the mixed batch, as the loader's batches carry them
     top = torch.log_softmax(torch.randn(batch, classes, device=run.device), -1).topk(5, dim=-1)
     data = SimpleNamespace(
         images=torch.randn(batch, 3, size, size, device=run.device),
@@ -184,7 +184,8 @@ def build_trainer(model: nn.Module, name: str, setting: Setting, batch: int, run
     mix = build_mixup(cfg.data, classes)
     criterion = DistillationLoss(cfg.distill.type, cfg.distill.alpha, cfg.distill.tau)
     trainer = Trainer(cfg, model, _Batches(data), None, criterion, mix, run.device, run_dir,
-                      teacher_targets=TeacherTargets(run.distill, cfg.distill.tau, classes)
+                      teacher_targets=TeacherTargets(run.distill, cfg.distill.tau, classes,
+                                                     cache_mode=cfg.distill.cache_mode)
                       if run.distill != "none" else None)
     return trainer, data
 
