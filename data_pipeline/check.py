@@ -19,7 +19,6 @@ from .dataset import (
     BadImageError,
     SplitFiles,
     jpeg_truncated,
-    missing_split,
     read_rgb,
     split_classes_differ,
 )
@@ -84,11 +83,11 @@ def check_dataset(root: str, full_decode: bool = False) -> DataCheck:
     report, found = DataCheck(), {}
     for split, top in tops.items():
         stops = STOPS_TRAINING_WITH_VAL if split == "val" else STOPS_TRAINING
-        if not os.path.isdir(top):
-            report.problems.append((top, f"{stops} {missing_split(top)}"))
-            continue
         try:
             files = found[split] = SplitFiles.walk(top)
+        except FileNotFoundError as err:  # no such split folder
+            report.problems.append((top, f"{stops} {err}"))
+            continue
         except ValueError as err:  # a folder link loop
             report.problems.append((top, f"{STOPS_TRAINING} {err}"))
             continue
