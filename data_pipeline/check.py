@@ -85,14 +85,11 @@ def check_dataset(root: str, full_decode: bool = False) -> DataCheck:
         stops = STOPS_TRAINING_WITH_VAL if split == "val" else STOPS_TRAINING
         try:
             files = found[split] = SplitFiles.walk(top)
-        except FileNotFoundError as err:  # no such split folder
+        except (FileNotFoundError, ValueError) as err:  # no such split folder, a link loop
             report.problems.append((top, f"{stops} {err}"))
             continue
-        except ValueError as err:  # a folder link loop
-            report.problems.append((top, f"{STOPS_TRAINING} {err}"))
-            continue
         report.splits[top] = [(c, len(images)) for c, images in zip(files.classes, files.images)]
-        report.problems.extend((path, f"{STOPS_TRAINING} {message}")
+        report.problems.extend((path, f"{stops} {message}")
                                for path, message in files.stops())
         bad = [(path, "not an image file (extension)") for path in files.others]
         for path, _ in (image for images in files.images for image in images):
@@ -104,7 +101,7 @@ def check_dataset(root: str, full_decode: bool = False) -> DataCheck:
     if train and val and train.classes and val.classes:
         differ = split_classes_differ(root, train.classes, val.classes)
         if differ:
-            report.problems.append((tops["val"], f"{STOPS_TRAINING} {differ}"))
+            report.problems.append((tops["val"], f"{STOPS_TRAINING_WITH_VAL} {differ}"))
     return report
 
 

@@ -9,6 +9,7 @@ import sys
 from tests.helpers import write_tiny_imagefolder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VAL_STOPS = "stops training unless train.eval_interval=0: "  # a run evaluates on val/
 
 
 def _deit_fast(*args: str) -> subprocess.CompletedProcess:
@@ -23,12 +24,17 @@ def _check(data) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
     return run, dict(line.split("\t") for line in run.stdout.splitlines())
 
 
+def _train(data, out, *extra: str) -> subprocess.CompletedProcess:
+    """A tiny training run on data."""
+    return _deit_fast("train", "model.name=deit_micro_patch4_32", f"data.path={data}",
+                      "train.epochs=1", "data.num_workers=0", "data.batch_size=4",
+                      "train.device=cpu", "train.precision=fp32", "train.progress=false",
+                      f"train.output_dir={out}", *extra)
+
+
 def _train_error(data, out) -> str:
     """The error line of a tiny training run on data, which must stop before training."""
-    run = _deit_fast("train", "model.name=deit_micro_patch4_32", f"data.path={data}",
-                     "train.epochs=1", "data.num_workers=0", "data.batch_size=4",
-                     "train.device=cpu", "train.precision=fp32", "train.progress=false",
-                     f"train.output_dir={out}")
+    run = _train(data, out)
     assert run.returncode == 2, run.stderr
     return run.stderr.strip().splitlines()[-1]
 
@@ -59,11 +65,10 @@ def test_a_missing_val_folder_stops_training(tmp_path):
     run, problems = _check(data)
     assert run.returncode == 1
     reason = problems[str(data / "val")]
-    prefix = "stops training unless train.eval_interval=0: "
-    assert reason == f"{prefix}dataset split folder not found: {data / 'val'} (expected " \
+    assert reason == f"{VAL_STOPS}dataset split folder not found: {data / 'val'} (expected " \
         f"{data / 'val'}/<class>/<image>)"
     assert "training would stop on 1 and skip 0" in run.stderr
-    assert reason.removeprefix(prefix) in _train_error(data, tmp_path / "run")
+    assert reason.removeprefix(VAL_STOPS) in _train_error(data, tmp_path / "run")
 
 
 def test_classes_that_differ_are_worded_as_training_words_them(tmp_path):
@@ -72,7 +77,8 @@ def test_classes_that_differ_are_worded_as_training_words_them(tmp_path):
     (data / "val" / "class_2").rename(data / "val" / "class_9")
     run, problems = _check(data)
     assert run.returncode == 1 and "training would stop on 1 and skip 0" in run.stderr
-    reason = problems[str(data / "val")].removeprefix("stops training: ")
+    assert problems[str(data / "val")].startswith(VAL_STOPS)
+    reason = problems[str(data / "val")].removeprefix(VAL_STOPS)
     assert "in train/, missing from val/: 'class_2'; extra in val/, not in train/: " \
         "'class_9'" in reason
     assert _train_error(data, tmp_path / "run") == f"deit-fast train: error: {reason}"
@@ -90,3 +96,19 @@ def test_an_empty_class_folder_is_a_sentence_naming_it(tmp_path):
     assert reason.startswith(f"class folder has no images: {data / 'train' / 'class_3'} (")
     assert ".jpg, .jpeg, .png" in reason and "('" not in reason
     assert _train_error(data, tmp_path / "run") == f"deit-fast train: error: {reason}"
+
+
+def test_a_val_problem_stops_only_a_run_that_evaluates(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_imagefolder(data)
+    folder = data / "val" / "class_1"
+    shutil.rmtree(folder)
+    (folder / "sub").mkdir(parents=True)
+    run, problems = _check(data)
+    assert run.returncode == 1 and "training would stop on 1 and skip 0" in run.stderr
+    reason = problems[str(folder)]
+    assert reason.startswith(f"{VAL_STOPS}class folder has no images: {folder} (")
+    assert _train_error(data, tmp_path / "run") == \
+        f"deit-fast train: error: {reason.removeprefix(VAL_STOPS)}"
+    never_evaluates = _train(data, tmp_path / "run0", "train.eval_interval=0")
+    assert never_evaluates.returncode == 0, never_evaluates.stderr
