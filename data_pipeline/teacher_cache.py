@@ -143,6 +143,14 @@ def first_mismatch(manifest: dict[str, Any], expected: dict[str, Any]) -> str | 
     return None
 
 
+def field_difference(key: str, cached: Any, expected: Any) -> str:
+    """How identity field `key` of a cache differs from the run's: for classes, those missing
+    and extra (a thousand names), else both values."""
+    if key == "classes":
+        return f"differs: {class_difference(cached or [], expected, 'the cache', 'train/')}"
+    return f"is {cached!r} in the cache, {expected!r} in the run"
+
+
 def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: str,
                    warn_only: tuple[str, ...] = ()) -> None:
     """Refuse a cache whose identity differs from `expected` (fields absent there are
@@ -155,13 +163,8 @@ def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: st
             f"another distill.cache_dir, or remove {where} first; {PRODUCE_HINT}")
     for key in IDENTITY_FIELDS:
         if key in expected and manifest.get(key) != expected[key]:
-            if key == "classes":  # a thousand names: say which differ
-                difference = class_difference(manifest.get(key) or [], expected[key],
-                                              "the cache", "train/")
-                found = f"differs: {difference}"
-            else:
-                found = f"is {manifest.get(key)!r} in the cache, {expected[key]!r} in the run"
-            message = f"teacher cache {where} does not match this run: field {key!r} {found}"
+            message = (f"teacher cache {where} does not match this run: field {key!r} "
+                       f"{field_difference(key, manifest.get(key), expected[key])}")
             if key in warn_only:
                 warnings.warn(message, stacklevel=2)
                 continue
@@ -185,9 +188,9 @@ class ShardWriter:
             differs = first_mismatch(found, header)
             if differs is None:  # resuming the same pass: its finished shards are kept
                 return
+            change = field_difference(differs, found.get(differs), header[differs])
             warnings.warn(f"teacher cache {self.dir}: replacing an incomplete pass whose field "
-                          f"{differs!r} was {found.get(differs)!r} (now {header[differs]!r})",
-                          stacklevel=2)
+                          f"{differs!r} {change}", stacklevel=2)
             for stale in [*self.dir.glob("*_chunk*.bin"), *self.dir.glob("*.sha256")]:
                 stale.unlink()
         _write(path, json.dumps(header, indent=1).encode())

@@ -79,6 +79,23 @@ def test_incomplete_cache_is_refused(tmp_path):
         TeacherCache(tmp_path)
 
 
+def test_an_incomplete_pass_of_other_classes_is_replaced_naming_them(tmp_path):
+    classes = [f"n{i:08d}" for i in range(5)]
+    writer = ShardWriter(tmp_path, header(classes=classes))
+    shard = writer.layout.shards()[0]
+    writer.write(shard, np.zeros((shard.count, 2)), np.zeros((shard.count, 2)))
+    renamed = [*classes[:3], "n99999999", classes[4]]
+    with pytest.warns(UserWarning) as caught:
+        writer = ShardWriter(tmp_path, header(classes=renamed))
+    (message,) = [str(w.message) for w in caught]
+    assert message == (f"teacher cache {tmp_path}: replacing an incomplete pass whose field "
+                       "'classes' differs: in the cache, missing from train/: 'n00000003'; "
+                       "extra in train/, not in the cache: 'n99999999'")
+    assert not writer.is_complete(shard) and not list(tmp_path.glob("*_chunk*"))
+    with pytest.warns(UserWarning, match="field 'seed' is 0 in the cache, 1 in the run$"):
+        ShardWriter(tmp_path, header(classes=renamed, seed=1))
+
+
 def test_corrupted_and_truncated_shards_are_named(tmp_path):
     write_random_cache(tmp_path)
     shard = tmp_path / "view00001_chunk00002.bin"
