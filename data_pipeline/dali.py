@@ -267,8 +267,8 @@ class DaliTrainLoader(TrainLoader):
                 continue
             skipped = reported_skips(decode_reports(out["report"]))
             if self.teacher_cache is not None:  # host tensors from the source: no device sync
-                where = f"epoch {epoch}, step {item // self.sampler.items_per_step}"
-                self.teacher_cache.check_shown(out["teacher_indices"], where)
+                self.teacher_cache.check_shown(out["teacher_indices"], lambda item=item: (
+                    f"epoch {epoch}, step {item // self.sampler.items_per_step}"))
             item += self.sampler.items_per_step
             yield self.batch(out["images"].to(self.device, non_blocking=True), out, skipped)
         self._next_epoch = epoch + 1

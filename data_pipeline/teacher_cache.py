@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,14 +306,16 @@ class TeacherCache:
             values[mine] = maps[s][0][offset[mine]]
             indices[mine] = maps[s][1][offset[mine]]
         if strict:
-            self.check_shown(indices, f"{label}s {np.unique(groups).tolist()}")
+            self.check_shown(indices, lambda: f"{label}s {np.unique(groups).tolist()}")
         return torch.from_numpy(values), torch.from_numpy(indices)
 
-    def check_shown(self, indices: np.ndarray | torch.Tensor, where: str) -> None:
-        """Refuse a batch with a row the cache did not compute; `where` names the batch."""
+    def check_shown(self, indices: np.ndarray | torch.Tensor, where: Callable[[], str]
+                    ) -> None:
+        """Refuse a batch with a row the cache did not compute; `where()` names the batch
+        (called only then: the check runs on every batch)."""
         if (np.asarray(indices)[:, 0] == NOT_SHOWN).any():
             raise TeacherCacheError(
-                f"teacher cache {self.dir} has no entry for a sample of the batch of {where}: "
+                f"teacher cache {self.dir} has no entry for a sample of the batch of {where()}: "
                 f"it holds what {self.manifest['epochs']} epochs with data.repeats="
                 f"{self.manifest['repeats']} show; {PRODUCE_HINT}")
 
