@@ -13,10 +13,10 @@ from deit_fast.cache_teacher import cache_teacher
 from deit_fast.config import load_config
 from deit_fast.data_pipeline import DatasetIndex, build_train_loader, build_val_loader
 from deit_fast.data_pipeline.teacher_cache import TeacherCache, TeacherCacheMismatch
-from deit_fast.resolve import build_mixup, plan_params
+from deit_fast.resolve import build_mixup, train_loading
 from deit_fast.run import open_teacher_cache, train
 from deit_fast.teacher import TeacherTargets
-from tests.helpers import TEACHER, deit_fast, train_loading, val_loading, write_tiny_imagefolder
+from tests.helpers import TEACHER, deit_fast, val_loading, write_tiny_imagefolder
 
 CLASSES = 3
 TARGETS = TeacherTargets.__call__  # the one path of teacher targets, recorded around
@@ -110,9 +110,8 @@ def test_each_rank_reads_the_teacher_on_its_own_mixed_batch(setup):
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
     mixup = build_mixup(cfg.data, CLASSES, cfg.train.seed)
     for rank in (0, 1):
-        loader = build_train_loader(index, plan_params(cfg), **train_loading(
-            batch_size=2, seed=cfg.train.seed, repeats=2, rank=rank, world_size=2, num_workers=0,
-            teacher_cache=cache))
+        loader = build_train_loader(index, **train_loading(cfg, torch.device("cpu")),
+                                    rank=rank, world_size=2, teacher_cache=cache)
         for epoch in (0, 1):
             for step, batch in enumerate(loader.epoch(epoch)):
                 images = mixup.mix_images(batch.images,
