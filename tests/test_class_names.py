@@ -113,5 +113,5 @@ def test_eval_config_names_and_files_alike_and_the_distillation_heads(trained, t
                distilled)
     heads = {head: result(deit_fast("eval", "--checkpoint", str(distilled), "--head", head,
                                     "model.name=deit_micro_distilled_patch4_32", data))
-             for head in ("class", "distillation", "joint")}
+             for head in ("class", "distillation")}
     assert heads["class"]["val_loss"] != heads["distillation"]["val_loss"]
