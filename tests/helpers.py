@@ -1,5 +1,6 @@
 """What several test modules build: tiny image folders and configs, in-memory loaders, the
-DeiT recipe's plan, run comparisons, and the torchrun launcher of the fault driver."""
+DeiT recipe's plan, run comparisons, and the launchers of the command line and of the fault
+driver under torchrun."""
 
 from __future__ import annotations
 
@@ -128,13 +129,31 @@ def assert_same_run(a_dir: Path, b_dir: Path, atol: float = 0.0) -> None:
         assert torch.equal(x["step"], y["step"])
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """The fault driver with `args` on two gloo ranks (torchrun --standalone)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", FAULT_DRIVER, *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+def command_env() -> dict[str, str]:
+    """The environment of a command run from the repository: its code, one thread."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=command_env(), capture_output=True, text=True,
                           timeout=300)
+
+
+def deit_fast(*args: str) -> subprocess.CompletedProcess:
+    """The command line, `python -m deit_fast` with `args`."""
+    return _run([sys.executable, "-m", "deit_fast", *args])
+
+
+def result(run: subprocess.CompletedProcess) -> dict:
+    """The JSON summary a successful command prints last."""
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout[run.stdout.index("{"):])
+
+
+def torchrun(*args: str, module: str = FAULT_DRIVER) -> subprocess.CompletedProcess:
+    """`module` (the fault driver) with `args` on two gloo ranks (torchrun --standalone)."""
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node=2", "-m", module, *args])
 
 
 def teacher_setup(tmp_path: Path, *extra: str):

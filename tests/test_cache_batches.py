@@ -3,8 +3,6 @@ it: the teacher's output on each mixed batch, step for step, through a resume.""
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,10 @@ from deit_fast.cache_teacher import cache_teacher
 from deit_fast.config import load_config
 from deit_fast.data_pipeline import DatasetIndex, build_train_loader, build_val_loader
 from deit_fast.data_pipeline.teacher_cache import TeacherCache, TeacherCacheMismatch
-from deit_fast.resolve import build_mixup, plan_params
+from deit_fast.resolve import build_mixup, train_loading
 from deit_fast.run import open_teacher_cache, train
 from deit_fast.teacher import TeacherTargets
-from tests.helpers import ROOT, TEACHER, train_loading, val_loading, write_tiny_imagefolder
+from tests.helpers import TEACHER, deit_fast, val_loading, write_tiny_imagefolder
 
 CLASSES = 3
 TARGETS = TeacherTargets.__call__  # the one path of teacher targets, recorded around
@@ -112,9 +110,8 @@ def test_each_rank_reads_the_teacher_on_its_own_mixed_batch(setup):
     index = DatasetIndex.from_folder(cfg.data.path, split="train")
     mixup = build_mixup(cfg.data, CLASSES, cfg.train.seed)
     for rank in (0, 1):
-        loader = build_train_loader(index, plan_params(cfg), **train_loading(
-            batch_size=2, seed=cfg.train.seed, repeats=2, rank=rank, world_size=2, num_workers=0,
-            teacher_cache=cache))
+        loader = build_train_loader(index, **train_loading(cfg, torch.device("cpu")),
+                                    rank=rank, world_size=2, teacher_cache=cache)
         for epoch in (0, 1):
             for step, batch in enumerate(loader.epoch(epoch)):
                 images = mixup.mix_images(batch.images,
@@ -149,12 +146,12 @@ def test_the_printed_forwards_and_size_are_what_is_written(setup):
     """Through the command line: the header's forwards and bytes equal the manifest's and the
     shards'; the same command again finds the cache complete and computes nothing."""
     cfg = config(setup, "cli", "distill.type=hard", "distill.source=cache", "distill.topk=2")
-    args = [sys.executable, "-m", "deit_fast", "cache-teacher", f"data.path={cfg.data.path}",
+    args = ["cache-teacher", f"data.path={cfg.data.path}",
             "model.name=deit_micro_distilled_patch4_32", "data.batch_size=4", "data.repeats=2",
             "data.num_workers=0", "train.epochs=2", "train.precision=fp32", "distill.topk=2",
             f"distill.teacher={TEACHER}", f"distill.teacher_checkpoint={setup / 'teacher.pt'}",
             f"distill.cache_dir={cfg.distill.cache_dir}", "train.progress=false"]
-    first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    first = deit_fast(*args)
     assert first.returncode == 0, first.stderr
     header = re.search(r"([\d,]+) teacher forwards \(2 epochs x 3 steps x 1 rank\(s\) x 4 "
                        r"mixed images.*\(([\d,]+) bytes\)", first.stdout)
@@ -163,6 +160,6 @@ def test_the_printed_forwards_and_size_are_what_is_written(setup):
     manifest = json.loads((Path(cfg.distill.cache_dir) / "manifest.json").read_text())
     assert forwards == manifest["forwards"] == 2 * 3 * 4
     assert size == sum(p.stat().st_size for p in Path(cfg.distill.cache_dir).glob("*.bin"))
-    again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    again = deit_fast(*args)
     assert again.returncode == 0, again.stderr
     assert "2 of 2 shards are already written; nothing left to compute" in again.stdout

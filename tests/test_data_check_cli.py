@@ -1,35 +1,26 @@
 """`deit-fast data check` on the command line: it finds what training finds, and words what
 stops training as `deit-fast train` does."""
 
-import os
 import shutil
 import subprocess
-import sys
 
-from tests.helpers import write_tiny_imagefolder
+from tests.helpers import deit_fast, write_tiny_imagefolder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_STOPS = "stops training unless train.eval_interval=0: "  # a run evaluates on val/
-
-
-def _deit_fast(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "deit_fast", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def _check(data) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
     """The run and its problems, {path: reason}."""
-    run = _deit_fast("data", "check", "--data-path", str(data))
+    run = deit_fast("data", "check", "--data-path", str(data))
     return run, dict(line.split("\t") for line in run.stdout.splitlines())
 
 
 def _train(data, out, *extra: str) -> subprocess.CompletedProcess:
     """A tiny training run on data."""
-    return _deit_fast("train", "model.name=deit_micro_patch4_32", f"data.path={data}",
-                      "train.epochs=1", "data.num_workers=0", "data.batch_size=4",
-                      "train.device=cpu", "train.precision=fp32", "train.progress=false",
-                      f"train.output_dir={out}", *extra)
+    return deit_fast("train", "model.name=deit_micro_patch4_32", f"data.path={data}",
+                     "train.epochs=1", "data.num_workers=0", "data.batch_size=4",
+                     "train.device=cpu", "train.precision=fp32", "train.progress=false",
+                     f"train.output_dir={out}", *extra)
 
 
 def _train_error(data, out) -> str:
