@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ EVAL_FROM_CHECKPOINT = ("model.name", "model.img_size", "model.num_classes", "tr
 def eval_config(config_file: str | None, overrides: list[str], state: dict[str, Any]) -> Config:
     """The config to evaluate a checkpoint with: EVAL_FROM_CHECKPOINT keys from the
     checkpoint's own config (a deit-fast checkpoint has one) unless an override sets them,
-    then the recipe (`--config`) for the rest."""
+    then the recipe (`--config`) for the rest. Its model.init_checkpoint is dropped: the
+    evaluated checkpoint's weights replace every tensor."""
     if config_file:
         resolve_recipe(config_file)  # a missing file or unknown recipe is named here
     explicit = {text.partition("=")[0].strip() for text in overrides}
@@ -40,7 +42,8 @@ def eval_config(config_file: str | None, overrides: list[str], state: dict[str, 
     taken = [f"{key}={json.dumps(saved[section][name])}" for key in EVAL_FROM_CHECKPOINT
              for section, name in [key.split(".")]
              if key not in explicit and name in saved.get(section, {})]
-    return load_config(config_file, [*taken, *overrides])
+    cfg = load_config(config_file, [*taken, *overrides])
+    return replace(cfg, model=replace(cfg.model, init_checkpoint=None))
 
 
 def _labels_into(classes: list[str] | None, found: list[str], root: str, head_rows: int | None
