@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from deit_fast import checkpoint
-from deit_fast.config import Config, ConfigError, load_config, resolve_recipe
+from deit_fast.config import Config, ConfigError, load_config
 from deit_fast.ops import autocast
 from deit_fast.resolve import data_root, resolve_device, val_loading
 from deit_fast.run import build_model
@@ -35,8 +35,6 @@ def eval_config(config_file: str | None, overrides: list[str], state: dict[str, 
     checkpoint's own config (a deit-fast checkpoint has one) unless an override sets them,
     then the recipe (`--config`) for the rest. Its model.init_checkpoint is dropped: the
     evaluated checkpoint's weights replace every tensor."""
-    if config_file:
-        resolve_recipe(config_file)  # a missing file or unknown recipe is named here
     explicit = {text.partition("=")[0].strip() for text in overrides}
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
     taken = [f"{key}={json.dumps(saved[section][name])}" for key in EVAL_FROM_CHECKPOINT
