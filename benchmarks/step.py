@@ -194,9 +194,7 @@ def advancing_step(trainer: Trainer, data: SimpleNamespace) -> Callable[[], None
     """Trainer.train_step as fit() calls it, the step's position advancing (mixup draws)."""
 
     def step() -> None:
-        _, bad = trainer.train_step(data)
-        if trainer.updated:
-            trainer.bad.count(bad)
+        trainer.train_step(data)
         trainer.step_in_epoch = (trainer.step_in_epoch + 1) % trainer.train_loader.steps_per_epoch
 
     return step

@@ -36,11 +36,11 @@ from deit_fast.data_pipeline.teacher_cache import (
     NOT_SHOWN,
     ShardSpec,
     ShardWriter,
-    batch_rows,
     manifest_header,
     row_bytes,
     sha256_file,
 )
+from deit_fast.data_pipeline.train_loader import SamplerKeys
 from deit_fast.ops import autocast
 from deit_fast.resolve import (
     build_mixup,
@@ -92,19 +92,20 @@ def view_work(shards: list[ShardSpec], shown: np.ndarray, batch: int) -> list[Te
 def batch_work(cfg: Config, shards: list[ShardSpec], num_samples: int,
                world_size: int) -> list[TeacherBatch]:
     """A batches cache's forwards: every rank's batch of every global step of each shard,
-    as the run's sampler forms it, with the Mixup key the training step draws it with."""
+    as the run's sampler forms it and its loader addresses it (SamplerKeys), with the Mixup
+    key the training step draws it with."""
     d = cfg.data
-    samplers = [RepeatedAugSampler(num_samples, d.batch_size, d.repeats, cfg.train.seed, r,
-                                   world_size) for r in range(world_size)]
-    step_items = samplers[0].items_per_step
+    ranks = [SamplerKeys(RepeatedAugSampler(num_samples, d.batch_size, d.repeats, cfg.train.seed,
+                                            r, world_size), 0, 0, None, "batches")
+             for r in range(world_size)]
+    step_items = ranks[0].sampler.items_per_step  # a shard holds whole global steps
     work = []
     for s in shards:
-        for first in range(s.first_row, s.first_row + s.count, step_items):
-            for rank, sampler in enumerate(samplers):
-                samples, repeats = sampler.batch_at(s.group, first)
-                keys = np.stack([sampler.views(s.group, repeats), samples], axis=1)
-                rows = batch_rows(first, rank, d.batch_size) - s.first_row
-                work.append(TeacherBatch(s, keys, rows, (s.group, first // step_items, rank)))
+        for step in range(s.first_row // step_items, (s.first_row + s.count) // step_items):
+            for rank, keys in enumerate(ranks):
+                views, samples, _, _, rows = keys.at(s.group, step)
+                work.append(TeacherBatch(s, np.stack([views, samples], axis=1),
+                                         rows - s.first_row, (s.group, step, rank)))
     return work
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from deit_fast import checkpoint
-from deit_fast.config import Config, ConfigError, load_config, resolve_recipe
+from deit_fast.config import Config, ConfigError, load_config
 from deit_fast.ops import autocast
 from deit_fast.resolve import data_root, resolve_device, val_loading
 from deit_fast.run import build_model
@@ -32,15 +33,15 @@ EVAL_FROM_CHECKPOINT = ("model.name", "model.img_size", "model.num_classes", "tr
 def eval_config(config_file: str | None, overrides: list[str], state: dict[str, Any]) -> Config:
     """The config to evaluate a checkpoint with: EVAL_FROM_CHECKPOINT keys from the
     checkpoint's own config (a deit-fast checkpoint has one) unless an override sets them,
-    then the recipe (`--config`) for the rest."""
-    if config_file:
-        resolve_recipe(config_file)  # a missing file or unknown recipe is named here
+    then the recipe (`--config`) for the rest. Its model.init_checkpoint is dropped: the
+    evaluated checkpoint's weights replace every tensor."""
     explicit = {text.partition("=")[0].strip() for text in overrides}
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
     taken = [f"{key}={json.dumps(saved[section][name])}" for key in EVAL_FROM_CHECKPOINT
              for section, name in [key.split(".")]
              if key not in explicit and name in saved.get(section, {})]
-    return load_config(config_file, [*taken, *overrides])
+    cfg = load_config(config_file, [*taken, *overrides])
+    return replace(cfg, model=replace(cfg.model, init_checkpoint=None))
 
 
 def _labels_into(classes: list[str] | None, found: list[str], root: str, head_rows: int | None

@@ -15,6 +15,7 @@ import warnings
 from tqdm import tqdm
 
 from deit_fast.config import ConfigError, load_config
+from deit_fast.distributed import is_main_process
 from deit_fast.models.deit import HEADS
 
 # `deit-fast bench NAME` runs benchmarks/SCRIPT
@@ -125,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
-            from deit_fast.distributed import is_main_process
             from deit_fast.run import train
 
             summary = train(cfg)
@@ -161,7 +161,7 @@ RESUMES = {
 def _console_warnings() -> None:
     """Warnings on a line of their own, above any progress bar, without a source line; under
     torchrun from rank 0 alone (the other ranks meet the same ones)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         warnings.simplefilter("ignore")
         return
 

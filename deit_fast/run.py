@@ -54,7 +54,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device,
             state = checkpoint.load(cfg.model.init_checkpoint)
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"model.init_checkpoint: {err}") from err
-        saved = state.get("classes") if isinstance(state, dict) else None
+        saved = state.get("classes")
         other = class_difference(saved, classes, "the checkpoint", "train/") \
             if saved and classes else None
         load_checkpoint(model, state, new_head=True,

@@ -157,9 +157,10 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     def train_step(self, batch: Any) -> tuple[Tensor, Tensor]:
         """One loader batch: its share of the update's gradients, and on the last batch of
-        an update (every train.accum_steps-th, and the last of an epoch) the update itself.
-        Returns the loss and 1.0 where the update was skipped (a non-finite loss or
-        gradient), 0.0 on batches that only accumulate; reads nothing on the host."""
+        an update (every train.accum_steps-th, and the last of an epoch) the update itself,
+        counted in self.bad. Returns the loss and 1.0 where the update was skipped (a
+        non-finite loss or gradient), 0.0 on batches that only accumulate; reads nothing on
+        the host."""
         in_group = self.step_in_epoch % self.accum_steps
         group_start = self.step_in_epoch - in_group
         group_size = min(self.accum_steps, self.train_loader.steps_per_epoch - group_start)
@@ -168,7 +169,10 @@ class Trainer:
                                      + group_start // self.accum_steps)
         # each rank draws its own mixing, as timm's per-process Mixup does
         key = (self.epoch, self.step_in_epoch, self.dist.rank)
-        return self.step(batch, key, self.last_lr, in_group == 0, self.updated, group_size)
+        loss, bad = self.step(batch, key, self.last_lr, in_group == 0, self.updated, group_size)
+        if self.updated:  # a batch that only accumulated has no update to count
+            self.bad.count(bad)
+        return loss, bad
 
     def fit(self) -> dict[str, Any]:
         """Train to train.epochs (or train.max_steps, or a stop signal); returns the summary."""
@@ -191,8 +195,6 @@ class Trainer:
                                                  self.item_in_epoch):
                 loss, bad = self.train_step(batch)
                 window.add(loss, bad, self.epoch)
-                if self.updated:  # a batch that only accumulated has no update to count
-                    self.bad.count(bad)
                 self.step_in_epoch += 1
                 self.item_in_epoch += self.items_per_step
                 self.global_step += 1

@@ -101,6 +101,10 @@ def test_eval_config_names_and_files_alike_and_the_distillation_heads(trained, t
                                "--checkpoint", str(ckpt), data, "data.num_workers=0"))
     plain = result(deit_fast("eval", "--checkpoint", str(ckpt), data))
     assert by_name == by_file == plain  # the checkpoint's own model, whichever --config
+    moved = tmp_path / "fine_tune.yaml"  # a training config's start weights, since moved
+    moved.write_text(f"model:\n  init_checkpoint: {tmp_path / 'moved.pt'}\n")
+    run = deit_fast("eval", "--config", str(moved), "--checkpoint", str(ckpt), data)
+    assert result(run) == plain and "init_checkpoint" not in run.stderr
     tiny = tmp_path / "deit_tiny.pth"
     torch.save(create_model("deit_tiny_patch16_224", num_classes=3).state_dict(), tiny)
     hint = deit_fast("eval", "--checkpoint", str(tiny), data)

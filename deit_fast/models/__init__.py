@@ -52,12 +52,14 @@ def is_known_model(name: str) -> bool:
 
 
 def model_image_size(name: str) -> int:
-    """The resolution a model is built for: its spec's, or its timm configuration's."""
+    """The resolution a model is built for: its spec's, or its timm pretrained
+    configuration's (read from timm's registry, the one create_model attaches; nothing is
+    built)."""
     if name in MODEL_SPECS:
         return MODEL_SPECS[name].get("img_size", 224)
-    import timm
+    from timm.models import get_pretrained_cfg
 
-    return timm.create_model(name, pretrained=False).pretrained_cfg["input_size"][-1]
+    return get_pretrained_cfg(name).input_size[-1]
 
 
 def create_model(name: str, kernels: KernelChoice | None = None, **overrides: Any) -> nn.Module:
