@@ -62,8 +62,8 @@ HARDWARE = {
     "h200_790": (790.0, 4.8, "H200 at 790 TFLOP/s, the bf16 matmul rate measured on this "
                              "workplace's H200, and 4.8 TB/s"),
 }
-MODELS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224",
-          "base": "deit_base_patch16_224", "tiny_distilled": "deit_tiny_distilled_patch16_224",
+# benchmarks/step.py's models, then each with a distillation token
+MODELS = {**step_bench.MODELS, "tiny_distilled": "deit_tiny_distilled_patch16_224",
           "small_distilled": "deit_small_distilled_patch16_224",
           "base_distilled": "deit_base_distilled_patch16_224"}
 # setting -> kernels.attention, kernels.layernorm, kernels.gelu
