@@ -269,24 +269,15 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
 def provenance() -> dict[str, str]:
     """What produced a table: the command, the date, the machine, the versions, the commit."""
     import datetime
-    import platform
-    import subprocess
     import sys
 
-    from deit_fast import REPOSITORY
+    from deit_fast import commit, cpu_name
 
-    commit = "unknown"
-    if REPOSITORY is not None:
-        found = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"],
-                               capture_output=True, text=True)
-        commit = found.stdout.strip() or commit
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").is_file() else platform.processor()
     cli = Path(sys.argv[0]).name in ("deit-fast", "__main__.py")  # else a Python caller
     return {"command": "deit-fast " + " ".join(sys.argv[1:]) if cli else "run_ablation(...)",
-            "date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} "
-            "cores, 1 torch thread", "torch": torch.__version__, "commit": commit}
+            "date": datetime.date.today().isoformat(), "machine": f"{cpu_name()}, "
+            f"{os.cpu_count()} cores, 1 torch thread", "torch": torch.__version__,
+            "commit": commit()}
 
 
 def _last_top1(cfg: Any) -> float | None:
