@@ -223,6 +223,10 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     """Train the teacher, then every row over every seed; write summary.json and, with
     `table`, the markdown table with its JSON beside it. select: the selection of the soft
     tau on held-out training digits instead (SELECTION)."""
+    seeds = SELECTION_SEEDS if select and seeds == SEEDS else seeds
+    if len(seeds) - 1 > max(T_975):  # before hours of training, not after
+        raise ValueError(f"seeds: {len(seeds)} given; T_975, the t quantiles of the paired "
+                         f"interval, covers at most {max(T_975) + 1}")
     torch.set_num_threads(1)  # one thread: the same machine reproduces the table bit for bit
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +242,6 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     if not teacher_weights(teacher_cfg).is_file():
         teacher_val = train_teacher(teacher_cfg)
     ablation = Ablation(out, students, tuple(overrides), teacher_weights(teacher_cfg))
-    seeds = SELECTION_SEEDS if select and seeds == SEEDS else seeds
     rows = ablation.table((ROWS[0], *SELECTION) if select else ROWS, seeds)
     cfg = ablation.config(seeds[0], cache="batches")
     summary = {
