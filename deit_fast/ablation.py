@@ -50,6 +50,7 @@ from deit_fast.demo import (
     write_digits,
 )
 from deit_fast.models.deit import HEADS
+from deit_fast.resolve import image_size
 
 SEEDS = (0, 1, 2, 3, 4)
 PLAIN, TOKEN = "deit_micro_patch4_32", "deit_micro_distilled_patch4_32"
@@ -112,36 +113,29 @@ def teacher_signal(cfg: Any) -> dict[str, float]:
     batches: how often its top class is the one the mix is mostly made of (the larger
     lambda's), its mean probability there and the mass it puts outside the two mixed
     classes, and the mean total variation distance to the mixed one-hot labels."""
-    from deit_fast.data_pipeline import DatasetIndex, RepeatedAugSampler
-    from deit_fast.data_pipeline.teacher_cache import (
-        TeacherCache,
-        batch_rows,
-        rebuild_distribution,
-    )
+    from deit_fast.cache_teacher import batch_work
+    from deit_fast.data_pipeline import DatasetIndex
+    from deit_fast.data_pipeline.mixup import mix_targets
+    from deit_fast.data_pipeline.teacher_cache import TeacherCache, rebuild_distribution
     from deit_fast.resolve import build_mixup
 
     cache = TeacherCache(cfg.distill.cache_dir)
     labels = torch.from_numpy(DatasetIndex.from_folder(cfg.data.path, split="train").labels)
-    d, classes = cfg.data, cache.num_classes
-    sampler = RepeatedAugSampler(len(labels), d.batch_size, d.repeats, cfg.train.seed)
-    mixup = build_mixup(d, classes, cfg.train.seed)
-    size = cfg.model.img_size
+    classes, size = cache.num_classes, image_size(cfg)
+    mixup = build_mixup(cfg.data, classes, cfg.train.seed)
     agree, on_top, outside, distance, n = 0.0, 0.0, 0.0, 0.0, 0
-    for epoch in range(cache.layout.groups):
-        for step in range(sampler.steps_per_epoch):
-            first = step * sampler.items_per_step
-            samples, _ = sampler.batch_at(epoch, first)
-            perm, weights = mixup.params((epoch, step, 0), size, size, len(samples))
-            one_hot = torch.eye(classes)[labels[samples]]
-            mixed = torch.lerp(one_hot[perm], one_hot, weights[6])
-            teacher = rebuild_distribution(*cache.topk(
-                [epoch] * len(samples), batch_rows(first, 0, d.batch_size)), classes)
-            top = mixed.argmax(1)
-            agree += (teacher.argmax(1) == top).sum().item()
-            on_top += teacher.gather(1, top[:, None]).sum().item()
-            outside += (teacher * (mixed == 0)).sum().item()
-            distance += 0.5 * (teacher - mixed).abs().sum().item()
-            n += len(samples)
+    for b in batch_work(cfg, cache.layout.shards(), len(labels), world_size=1):
+        samples = b.keys[:, 1]  # the cache pass's own batches, mixing keys and rows
+        perm, weights = mixup.params(b.mix, size, size, len(samples))
+        mixed = mix_targets(torch.eye(classes)[labels[samples]], perm, weights)
+        teacher = rebuild_distribution(*cache.topk(
+            [b.shard.group] * len(samples), b.shard.first_row + b.rows), classes)
+        top = mixed.argmax(1)
+        agree += (teacher.argmax(1) == top).sum().item()
+        on_top += teacher.gather(1, top[:, None]).sum().item()
+        outside += (teacher * (mixed == 0)).sum().item()
+        distance += 0.5 * (teacher - mixed).abs().sum().item()
+        n += len(samples)
     return {"top_class_agrees": round(100 * agree / n, 2),
             "probability_on_top_class": round(on_top / n, 3),
             "mass_outside_the_mix": round(outside / n, 3),
@@ -247,7 +241,7 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     summary = {
         "regime": f"{PER_CLASS} training images per digit ({counts['train']} in all), "
                   f"{counts['val']} {'held-out training' if select else 'val'} images, "
-                  f"{cfg.train.epochs} epochs at {cfg.model.img_size or 32} px, seeds "
+                  f"{cfg.train.epochs} epochs at {image_size(cfg)} px, seeds "
                   f"{list(seeds)}",
         "split": "held-out training" if select else "val",
         "train_images": counts["train"], "eval_images": counts["val"],
