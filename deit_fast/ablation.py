@@ -172,14 +172,14 @@ class Ablation:
 
     def run(self, row: Row, seed: int) -> dict[str, Any]:
         from deit_fast.cache_teacher import cache_teacher
-        from deit_fast.run import train
+        from deit_fast.run import train, uses_cache
 
         if (row.name, seed) in self.done:
             return self.done[(row.name, seed)]
         mode = "views" if "distill.cache_mode=views" in row.source else "batches"
         cfg = self.config(seed, *row.overrides, *row.source, run="current", cache=mode)
         started = time.perf_counter()
-        if "distill.source=cache" in row.source:  # one cache per seed and mode serves all rows
+        if uses_cache(cfg):  # one cache per seed and mode serves all rows
             cache_teacher(cfg)
         shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
         train(cfg)
