@@ -43,11 +43,11 @@ from deit_fast.demo import (
     DISTILLED_ROW,
     PER_CLASS,
     TEACHER,
-    TEACHER_OVERRIDES,
     demo_config,
-    teacher_weights,
+    last_checkpoint,
+    teacher_config,
     train_teacher,
-    write_digits,
+    write_demo_digits,
 )
 from deit_fast.models.deit import HEADS
 from deit_fast.resolve import image_size
@@ -224,18 +224,14 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     torch.set_num_threads(1)  # one thread: the same machine reproduces the table bit for bit
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    everything = out / "digits"
     students = out / ("digits_40_dev" if select else "digits_40")
-    write_digits(everything)
-    counts = write_digits(students, per_class=PER_CLASS, held_out_as_val=select)
+    _, counts = write_demo_digits(out, students, held_out_as_val=select)
     started = time.perf_counter()
-    teacher_cfg = demo_config(out, [*overrides, *TEACHER_OVERRIDES, *teacher_overrides,
-                                    "train.progress=false",
-                                    f"train.output_dir={out / 'teacher_run'}"], data=everything)
+    teacher_cfg = teacher_config(out, overrides, (*teacher_overrides, "train.progress=false"))
     teacher_val = None
-    if not teacher_weights(teacher_cfg).is_file():
+    if not last_checkpoint(teacher_cfg).is_file():
         teacher_val = train_teacher(teacher_cfg)
-    ablation = Ablation(out, students, tuple(overrides), teacher_weights(teacher_cfg))
+    ablation = Ablation(out, students, tuple(overrides), last_checkpoint(teacher_cfg))
     rows = ablation.table((ROWS[0], *SELECTION) if select else ROWS, seeds)
     cfg = ablation.config(seeds[0], cache="batches")
     summary = {
@@ -279,8 +275,10 @@ def provenance() -> dict[str, str]:
 
 def _last_top1(cfg: Any) -> float | None:
     """The teacher run's last evaluation, from its metrics (a rerun reuses the teacher)."""
+    from deit_fast.metrics import read_metrics
+
     path = Path(cfg.train.output_dir) / "metrics.jsonl"
-    evals = [r for r in map(json.loads, path.open()) if "top1" in r] if path.is_file() else []
+    evals = [r for r in read_metrics(path) if "top1" in r] if path.is_file() else []
     return round(evals[-1]["top1"], 2) if evals else None
 
 
