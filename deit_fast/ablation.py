@@ -88,23 +88,13 @@ SELECTION_SEEDS = (0, 1, 2)
 
 
 def eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
-    """Val top-1 of each head of the run's last weights."""
-    from deit_fast import checkpoint
-    from deit_fast.data_pipeline import DatasetIndex, build_val_loader
-    from deit_fast.evaluate import evaluate
-    from deit_fast.resolve import val_loading
-    from deit_fast.run import build_model
+    """Val top-1 of each head of the run's last weights, as `deit-fast eval --head` measures
+    it with the run's own config."""
+    from deit_fast.checkpoint_eval import evaluate_checkpoint
 
-    index = DatasetIndex.from_folder(cfg.data.path, split="val")
-    model = build_model(cfg, len(index.classes), torch.device("cpu"))
-    model.load_state_dict(checkpoint.load(Path(cfg.train.output_dir) / "checkpoints" /
-                                          "last.pt")["model"])
-    loader = build_val_loader(index, **val_loading(cfg, torch.device("cpu")))
-    top1 = {}
-    for head in heads:  # a plain DeiT has one head: it ignores eval_head
-        model.eval_head = head
-        top1[head] = evaluate(model, loader, torch.device("cpu"))["top1"]
-    return top1
+    run_config = str(Path(cfg.train.output_dir) / "config.yaml")
+    return {head: evaluate_checkpoint(run_config, [], str(last_checkpoint(cfg)), head=head)["top1"]
+            for head in heads}
 
 
 def teacher_signal(cfg: Any) -> dict[str, float]:
