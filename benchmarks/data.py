@@ -16,7 +16,6 @@ import argparse
 import csv
 import dataclasses
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.run_info import add_out_argument, wrote  # noqa: E402
+from deit_fast import cpu_name  # noqa: E402
 from deit_fast.config import Config  # noqa: E402
 from deit_fast.data_pipeline import DatasetIndex, build_train_loader  # noqa: E402
 from deit_fast.resolve import plan_params, train_loading  # noqa: E402
@@ -172,10 +172,6 @@ def bench_index(root: str, count: int) -> dict:
 
 def machine() -> str:
     """CPU model and count, GPU, library versions: what a speed claim needs beside it."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     try:
         import nvidia.dali
@@ -184,7 +180,7 @@ def machine() -> str:
     except ImportError:
         dali = "absent"
     return (
-        f"{cpu} x {os.cpu_count()}, {gpu}, torch {torch.__version__}, "
+        f"{cpu_name()} x {os.cpu_count()}, {gpu}, torch {torch.__version__}, "
         f"DALI {dali}, Pillow {Image.__version__}"
     )
 

@@ -34,13 +34,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks.run_info import (  # noqa: E402
+    SDPA_BACKENDS,
     add_out_argument,
     cuda_or_smoke,
     device_name,
@@ -48,14 +48,9 @@ from benchmarks.run_info import (  # noqa: E402
     run_meta,
     wrote,
 )
+from deit_fast import ops  # noqa: E402
 
 MODELS = {"DeiT-Ti": 3, "DeiT-S": 6, "DeiT-B": 12}
-SDPA_BACKENDS = {
-    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
-    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-    "sdpa_math": SDPBackend.MATH,
-}
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -130,12 +125,9 @@ def _peaks(cfg: Settings, smoke: bool) -> dict[str, float]:
 
 
 def _sdpa(qkv: torch.Tensor, num_heads: int, backend: SDPBackend) -> torch.Tensor:
-    batch, seq_len, packed = qkv.shape
-    head_dim = packed // (3 * num_heads)
-    q, k, v = qkv.reshape(batch, seq_len, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    """The model's SDPA attention (deit_fast.ops.attention) with `backend` forced."""
     with sdpa_kernel(backend):
-        out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(batch, seq_len, num_heads * head_dim)
+        return ops.attention(qkv, num_heads, "sdpa")
 
 
 def _runner(fn: Callable, inputs: tuple, grads: tuple, pass_: str) -> Callable[[], object]:
@@ -172,7 +164,8 @@ def _implementations(cfg: Settings) -> dict[str, dict[str, Callable]]:
         return torch.compile(fn, backend=cfg.compile_backend)
 
     attention = {"triton": kernels.attention, "eager": kernels.attention_reference}
-    attention.update({name: partial(_sdpa, backend=b) for name, b in SDPA_BACKENDS.items()})
+    attention.update({f"sdpa_{name}": partial(_sdpa, backend=b)
+                      for name, b in SDPA_BACKENDS.items()})
     attention["compile"] = compiled(kernels.attention_reference)
     return {
         "attention": attention,

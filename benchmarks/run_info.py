@@ -1,6 +1,7 @@
-"""What the benchmarks share: where they write, the CUDA-or-smoke choice, and the device,
-versions, date and command recorded beside their numbers. Imported as
-`benchmarks.run_info` once a script has put the repository root at the head of sys.path."""
+"""What the benchmarks share: where they write, the CUDA-or-smoke choice, torch's SDPA
+backends by name, and the device, versions, date and command recorded beside their
+numbers. Imported as `benchmarks.run_info` once a script has put the repository root at the
+head of sys.path."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
+
+# torch's SDPA backends by the name the benchmarks' rows give them (a row forces one with
+# torch.nn.attention.sdpa_kernel)
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 # Every benchmark writes here unless given --out: runs/ is in .gitignore, so a run (smoke,
 # quick or full, on any machine) leaves the committed tables in benchmarks/results/ as they

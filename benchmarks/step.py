@@ -51,12 +51,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 
 from benchmarks.run_info import (  # noqa: E402
+    SDPA_BACKENDS,
     add_out_argument,
     cuda_or_smoke,
     device_name,
@@ -79,8 +80,6 @@ LABELS = {"tiny": "DeiT-Ti", "small": "DeiT-S", "base": "DeiT-B"}
 SMOKE = {"img_size": 32, "depth": 1}  # --smoke's model: DeiT-Ti's width, one block, 32 px
 SMOKE_LABEL = "smoke: 1 block, 32 px"
 TRITON = KernelChoice("triton", "triton", "triton")
-SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 DROP_PATH = 0.1  # the recipe's stochastic depth, for ours and timm alike
 EMA_DECAY = 0.99996
 MAX_BATCH = 16384  # where --max-batch stops doubling even if it still fits (8 in smoke)

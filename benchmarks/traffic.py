@@ -31,12 +31,9 @@ same GPU, read from the committed table (scripts/gpu_check.sh runs it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
-import platform
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -49,6 +46,7 @@ sys.path.insert(0, str(_HERE.parent))  # the repository, not benchmarks/
 from benchmarks import step as step_bench  # noqa: E402
 from benchmarks.run_info import add_out_argument, run_meta, wrote  # noqa: E402
 from benchmarks.traffic_count import FAMILIES, OpCount, count_step  # noqa: E402
+from deit_fast import commit, cpu_name  # noqa: E402
 from deit_fast.flops import KNOWN_PEAK_TFLOPS  # noqa: E402
 from deit_fast.ops import KernelChoice, resolve_kernels  # noqa: E402
 
@@ -62,8 +60,8 @@ HARDWARE = {
     "h200_790": (790.0, 4.8, "H200 at 790 TFLOP/s, the bf16 matmul rate measured on this "
                              "workplace's H200, and 4.8 TB/s"),
 }
-MODELS = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224",
-          "base": "deit_base_patch16_224", "tiny_distilled": "deit_tiny_distilled_patch16_224",
+# benchmarks/step.py's models, then each with a distillation token
+MODELS = {**step_bench.MODELS, "tiny_distilled": "deit_tiny_distilled_patch16_224",
           "small_distilled": "deit_small_distilled_patch16_224",
           "base_distilled": "deit_base_distilled_patch16_224"}
 # setting -> kernels.attention, kernels.layernorm, kernels.gelu
@@ -235,14 +233,6 @@ def compare(step_csv: Path, bounds_csv: Path) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS),
@@ -271,9 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         print(compare(args.compare, args.bounds))
         return 0
-    meta = run_meta(f"{_cpu_name()}, {os.cpu_count()} cores", "traffic.py", argv)
-    meta["commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=_HERE,
-                                    capture_output=True, text=True).stdout.strip() or "unknown"
+    meta = run_meta(f"{cpu_name()}, {os.cpu_count()} cores", "traffic.py", argv)
+    meta["commit"] = commit(dirty=True)
     rows, ops_rows = count_all(args.models, args.settings, args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "traffic.csv")

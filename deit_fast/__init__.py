@@ -20,3 +20,27 @@ CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent
 # for an installed wheel (benchmarks ship with the source only).
 REPOSITORY = _HERE.parent if (_HERE.parent / "setup.py").is_file() and \
     (_HERE.parent / "benchmarks" / "step.py").is_file() else None
+
+
+def commit(dirty: bool = False) -> str:
+    """The commit of REPOSITORY, short (`git describe --always`; with dirty, "-dirty" added
+    where its tracked files differ from it), or "unknown" outside a source checkout."""
+    import subprocess
+
+    if REPOSITORY is None:
+        return "unknown"
+    found = subprocess.run(["git", "-C", str(REPOSITORY), "describe", "--always",
+                            *(["--dirty"] if dirty else [])], capture_output=True, text=True)
+    return found.stdout.strip() or "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module says."""
+    import contextlib
+    import platform
+
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -43,13 +43,14 @@ from deit_fast.demo import (
     DISTILLED_ROW,
     PER_CLASS,
     TEACHER,
-    TEACHER_OVERRIDES,
     demo_config,
-    teacher_weights,
+    last_checkpoint,
+    teacher_config,
     train_teacher,
-    write_digits,
+    write_demo_digits,
 )
 from deit_fast.models.deit import HEADS
+from deit_fast.resolve import image_size
 
 SEEDS = (0, 1, 2, 3, 4)
 PLAIN, TOKEN = "deit_micro_patch4_32", "deit_micro_distilled_patch4_32"
@@ -87,23 +88,13 @@ SELECTION_SEEDS = (0, 1, 2)
 
 
 def eval_heads(cfg: Any, heads: tuple[str, ...]) -> dict[str, float]:
-    """Val top-1 of each head of the run's last weights."""
-    from deit_fast import checkpoint
-    from deit_fast.data_pipeline import DatasetIndex, build_val_loader
-    from deit_fast.evaluate import evaluate
-    from deit_fast.resolve import val_loading
-    from deit_fast.run import build_model
+    """Val top-1 of each head of the run's last weights, as `deit-fast eval --head` measures
+    it with the run's own config."""
+    from deit_fast.checkpoint_eval import evaluate_checkpoint
 
-    index = DatasetIndex.from_folder(cfg.data.path, split="val")
-    model = build_model(cfg, len(index.classes), torch.device("cpu"))
-    model.load_state_dict(checkpoint.load(Path(cfg.train.output_dir) / "checkpoints" /
-                                          "last.pt")["model"])
-    loader = build_val_loader(index, **val_loading(cfg, torch.device("cpu")))
-    top1 = {}
-    for head in heads:  # a plain DeiT has one head: it ignores eval_head
-        model.eval_head = head
-        top1[head] = evaluate(model, loader, torch.device("cpu"))["top1"]
-    return top1
+    run_config = str(Path(cfg.train.output_dir) / "config.yaml")
+    return {head: evaluate_checkpoint(run_config, [], str(last_checkpoint(cfg)), head=head)["top1"]
+            for head in heads}
 
 
 def teacher_signal(cfg: Any) -> dict[str, float]:
@@ -112,36 +103,29 @@ def teacher_signal(cfg: Any) -> dict[str, float]:
     batches: how often its top class is the one the mix is mostly made of (the larger
     lambda's), its mean probability there and the mass it puts outside the two mixed
     classes, and the mean total variation distance to the mixed one-hot labels."""
-    from deit_fast.data_pipeline import DatasetIndex, RepeatedAugSampler
-    from deit_fast.data_pipeline.teacher_cache import (
-        TeacherCache,
-        batch_rows,
-        rebuild_distribution,
-    )
+    from deit_fast.cache_teacher import batch_work
+    from deit_fast.data_pipeline import DatasetIndex
+    from deit_fast.data_pipeline.mixup import mix_targets
+    from deit_fast.data_pipeline.teacher_cache import TeacherCache, rebuild_distribution
     from deit_fast.resolve import build_mixup
 
     cache = TeacherCache(cfg.distill.cache_dir)
     labels = torch.from_numpy(DatasetIndex.from_folder(cfg.data.path, split="train").labels)
-    d, classes = cfg.data, cache.num_classes
-    sampler = RepeatedAugSampler(len(labels), d.batch_size, d.repeats, cfg.train.seed)
-    mixup = build_mixup(d, classes, cfg.train.seed)
-    size = cfg.model.img_size
+    classes, size = cache.num_classes, image_size(cfg)
+    mixup = build_mixup(cfg.data, classes, cfg.train.seed)
     agree, on_top, outside, distance, n = 0.0, 0.0, 0.0, 0.0, 0
-    for epoch in range(cache.layout.groups):
-        for step in range(sampler.steps_per_epoch):
-            first = step * sampler.items_per_step
-            samples, _ = sampler.batch_at(epoch, first)
-            perm, weights = mixup.params((epoch, step, 0), size, size, len(samples))
-            one_hot = torch.eye(classes)[labels[samples]]
-            mixed = torch.lerp(one_hot[perm], one_hot, weights[6])
-            teacher = rebuild_distribution(*cache.topk(
-                [epoch] * len(samples), batch_rows(first, 0, d.batch_size)), classes)
-            top = mixed.argmax(1)
-            agree += (teacher.argmax(1) == top).sum().item()
-            on_top += teacher.gather(1, top[:, None]).sum().item()
-            outside += (teacher * (mixed == 0)).sum().item()
-            distance += 0.5 * (teacher - mixed).abs().sum().item()
-            n += len(samples)
+    for b in batch_work(cfg, cache.layout.shards(), len(labels), world_size=1):
+        samples = b.keys[:, 1]  # the cache pass's own batches, mixing keys and rows
+        perm, weights = mixup.params(b.mix, size, size, len(samples))
+        mixed = mix_targets(torch.eye(classes)[labels[samples]], perm, weights)
+        teacher = rebuild_distribution(*cache.topk(
+            [b.shard.group] * len(samples), b.shard.first_row + b.rows), classes)
+        top = mixed.argmax(1)
+        agree += (teacher.argmax(1) == top).sum().item()
+        on_top += teacher.gather(1, top[:, None]).sum().item()
+        outside += (teacher * (mixed == 0)).sum().item()
+        distance += 0.5 * (teacher - mixed).abs().sum().item()
+        n += len(samples)
     return {"top_class_agrees": round(100 * agree / n, 2),
             "probability_on_top_class": round(on_top / n, 3),
             "mass_outside_the_mix": round(outside / n, 3),
@@ -178,14 +162,14 @@ class Ablation:
 
     def run(self, row: Row, seed: int) -> dict[str, Any]:
         from deit_fast.cache_teacher import cache_teacher
-        from deit_fast.run import train
+        from deit_fast.run import train, uses_cache
 
         if (row.name, seed) in self.done:
             return self.done[(row.name, seed)]
         mode = "views" if "distill.cache_mode=views" in row.source else "batches"
         cfg = self.config(seed, *row.overrides, *row.source, run="current", cache=mode)
         started = time.perf_counter()
-        if "distill.source=cache" in row.source:  # one cache per seed and mode serves all rows
+        if uses_cache(cfg):  # one cache per seed and mode serves all rows
             cache_teacher(cfg)
         shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
         train(cfg)
@@ -223,28 +207,27 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     """Train the teacher, then every row over every seed; write summary.json and, with
     `table`, the markdown table with its JSON beside it. select: the selection of the soft
     tau on held-out training digits instead (SELECTION)."""
+    seeds = SELECTION_SEEDS if select and seeds == SEEDS else seeds
+    if len(seeds) - 1 > max(T_975):  # before hours of training, not after
+        raise ValueError(f"seeds: {len(seeds)} given; T_975, the t quantiles of the paired "
+                         f"interval, covers at most {max(T_975) + 1}")
     torch.set_num_threads(1)  # one thread: the same machine reproduces the table bit for bit
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    everything = out / "digits"
     students = out / ("digits_40_dev" if select else "digits_40")
-    write_digits(everything)
-    counts = write_digits(students, per_class=PER_CLASS, held_out_as_val=select)
+    _, counts = write_demo_digits(out, students, held_out_as_val=select)
     started = time.perf_counter()
-    teacher_cfg = demo_config(out, [*overrides, *TEACHER_OVERRIDES, *teacher_overrides,
-                                    "train.progress=false",
-                                    f"train.output_dir={out / 'teacher_run'}"], data=everything)
+    teacher_cfg = teacher_config(out, overrides, (*teacher_overrides, "train.progress=false"))
     teacher_val = None
-    if not teacher_weights(teacher_cfg).is_file():
+    if not last_checkpoint(teacher_cfg).is_file():
         teacher_val = train_teacher(teacher_cfg)
-    ablation = Ablation(out, students, tuple(overrides), teacher_weights(teacher_cfg))
-    seeds = SELECTION_SEEDS if select and seeds == SEEDS else seeds
+    ablation = Ablation(out, students, tuple(overrides), last_checkpoint(teacher_cfg))
     rows = ablation.table((ROWS[0], *SELECTION) if select else ROWS, seeds)
     cfg = ablation.config(seeds[0], cache="batches")
     summary = {
         "regime": f"{PER_CLASS} training images per digit ({counts['train']} in all), "
                   f"{counts['val']} {'held-out training' if select else 'val'} images, "
-                  f"{cfg.train.epochs} epochs at {cfg.model.img_size or 32} px, seeds "
+                  f"{cfg.train.epochs} epochs at {image_size(cfg)} px, seeds "
                   f"{list(seeds)}",
         "split": "held-out training" if select else "val",
         "train_images": counts["train"], "eval_images": counts["val"],
@@ -269,30 +252,23 @@ def run_ablation(output_dir: str | Path, overrides: list[str] | tuple[str, ...] 
 def provenance() -> dict[str, str]:
     """What produced a table: the command, the date, the machine, the versions, the commit."""
     import datetime
-    import platform
-    import subprocess
     import sys
 
-    from deit_fast import REPOSITORY
+    from deit_fast import commit, cpu_name
 
-    commit = "unknown"
-    if REPOSITORY is not None:
-        found = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"],
-                               capture_output=True, text=True)
-        commit = found.stdout.strip() or commit
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").is_file() else platform.processor()
     cli = Path(sys.argv[0]).name in ("deit-fast", "__main__.py")  # else a Python caller
     return {"command": "deit-fast " + " ".join(sys.argv[1:]) if cli else "run_ablation(...)",
-            "date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} "
-            "cores, 1 torch thread", "torch": torch.__version__, "commit": commit}
+            "date": datetime.date.today().isoformat(), "machine": f"{cpu_name()}, "
+            f"{os.cpu_count()} cores, 1 torch thread", "torch": torch.__version__,
+            "commit": commit()}
 
 
 def _last_top1(cfg: Any) -> float | None:
     """The teacher run's last evaluation, from its metrics (a rerun reuses the teacher)."""
+    from deit_fast.metrics import read_metrics
+
     path = Path(cfg.train.output_dir) / "metrics.jsonl"
-    evals = [r for r in map(json.loads, path.open()) if "top1" in r] if path.is_file() else []
+    evals = [r for r in read_metrics(path) if "top1" in r] if path.is_file() else []
     return round(evals[-1]["top1"], 2) if evals else None
 
 

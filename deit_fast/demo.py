@@ -114,17 +114,36 @@ def write_digits(root: str | Path, size: int = 32, val_fraction: float = VAL_FRA
     return counts
 
 
+def write_demo_digits(output_dir: Path, students: Path, held_out_as_val: bool = False
+                      ) -> tuple[dict[str, int], dict[str, int]]:
+    """The two digits trees and their counts: all of them in output_dir/digits (the
+    teacher's), and PER_CLASS training digits a class in `students` (write_digits'
+    held_out_as_val)."""
+    return (write_digits(output_dir / "digits"),
+            write_digits(students, per_class=PER_CLASS, held_out_as_val=held_out_as_val))
+
+
+def teacher_config(output_dir: Path, overrides: list[str] | tuple[str, ...] = (),
+                   teacher_overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The teacher's run in output_dir/teacher_run: the recipe with overrides, then
+    TEACHER_OVERRIDES and teacher_overrides, on all the digits (output_dir/digits)."""
+    return demo_config(output_dir, [*overrides, *TEACHER_OVERRIDES, *teacher_overrides,
+                                    f"train.output_dir={output_dir / 'teacher_run'}"],
+                       data=output_dir / "digits")
+
+
 def train_teacher(cfg: Config) -> float:
-    """Train the teacher as configured (TEACHER_OVERRIDES on the recipe); its val top-1. Its
-    weights are the run's checkpoints/last.pt."""
+    """Train the teacher as configured (teacher_config); its val top-1. Its weights are the
+    run's last_checkpoint."""
     from deit_fast.run import train
 
     shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
     return train(cfg)["top1"]
 
 
-def teacher_weights(cfg: Config) -> Path:
-    """The teacher run's last checkpoint: the file distill.teacher_checkpoint names."""
+def last_checkpoint(cfg: Config) -> Path:
+    """A run's checkpoints/last.pt: the teacher run's is the file distill.teacher_checkpoint
+    names."""
     return Path(cfg.train.output_dir) / "checkpoints" / "last.pt"
 
 
@@ -148,13 +167,11 @@ def _run_demo(output_dir: Path, overrides: list[str] | tuple[str, ...],
     from deit_fast.cache_teacher import cache_teacher
     from deit_fast.run import train
 
-    students, everything = output_dir / "digits_40", output_dir / "digits"
+    students = output_dir / "digits_40"
     cfg = demo_config(output_dir, overrides, data=students)
-    teacher_cfg = demo_config(output_dir, [*overrides, *TEACHER_OVERRIDES, *teacher_overrides,
-                                           f"train.output_dir={output_dir / 'teacher_run'}"],
-                              data=everything)
+    teacher_cfg = teacher_config(output_dir, overrides, teacher_overrides)
     distill = demo_config(output_dir, [*overrides, *DISTILLED, *CACHED,
-                                       f"distill.teacher_checkpoint={teacher_weights(teacher_cfg)}",
+                                       f"distill.teacher_checkpoint={last_checkpoint(teacher_cfg)}",
                                        f"distill.cache_dir={output_dir / 'teacher_cache'}",
                                        f"train.output_dir={output_dir / 'run_distilled'}"],
                           data=students)
@@ -166,8 +183,7 @@ def _run_demo(output_dir: Path, overrides: list[str] | tuple[str, ...],
         seconds[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
         return result
 
-    counts = stage("data", lambda: (write_digits(everything),
-                                    write_digits(students, per_class=PER_CLASS))[1])
+    all_counts, counts = stage("data", lambda: write_demo_digits(output_dir, students))
     for folder in (cfg.train.output_dir, distill.train.output_dir, distill.distill.cache_dir):
         shutil.rmtree(folder, ignore_errors=True)  # the demo always trains afresh
     plain = stage("student_train", lambda: train(cfg))
@@ -183,7 +199,7 @@ def _run_demo(output_dir: Path, overrides: list[str] | tuple[str, ...],
         "ablation": ablation_interval(),
         "teacher": TEACHER,
         "train_images": counts["train"],
-        "teacher_train_images": len(list((everything / "train").glob("*/*.jpg"))),
+        "teacher_train_images": all_counts["train"],
         "val_images": counts["val"],
         "epochs": cfg.train.epochs,
         **seconds,
