@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from deit_fast.data_pipeline.teacher_cache import (
 )
 from deit_fast.resolve import plan_params
 from deit_fast.run import open_teacher_cache
-from tests.helpers import TEACHER, teacher_setup, train_loading
+from tests.helpers import TEACHER, deit_fast, teacher_setup, train_loading
 
 
 def header(**changes):
@@ -328,8 +326,7 @@ def test_a_failed_pass_does_not_block_the_corrected_command(tmp_path):
               f"distill.teacher_checkpoint={cfg.distill.teacher_checkpoint}"]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "deit_fast", "cache-teacher", *common, *args],
-                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        return deit_fast("cache-teacher", *common, *args)
 
     wrong = cli("distill.teacher=test_efficientnetz")
     assert wrong.returncode == 2 and "unknown model 'test_efficientnetz'" in wrong.stderr
