@@ -102,13 +102,19 @@ def test_a_run_without_a_validation_split(data):
 def test_an_interrupted_cache_pass_says_how_to_go_on(data, teacher, tmp_path):
     """Ctrl-C during `cache-teacher`: exit 130, and the line says the shards written are kept
     and the same command finishes the cache."""
-    proc = subprocess.Popen([
-        sys.executable, "-m", "deit_fast", "cache-teacher", f"data.path={data}",
-        "model.name=deit_micro_distilled_patch4_32", "data.num_workers=0", "data.batch_size=2",
-        "train.epochs=200", "distill.shard_size=6", "distill.topk=3",
-        f"distill.teacher={TEACHER}", f"distill.teacher_checkpoint={teacher}",
-        f"distill.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=command_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started as from a terminal, with Ctrl-C at its default, even where the tests run with
+    # SIGINT ignored (a background job, nohup), which the command would inherit
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([
+            sys.executable, "-m", "deit_fast", "cache-teacher", f"data.path={data}",
+            "model.name=deit_micro_distilled_patch4_32", "data.num_workers=0",
+            "data.batch_size=2", "train.epochs=200", "distill.shard_size=6", "distill.topk=3",
+            f"distill.teacher={TEACHER}", f"distill.teacher_checkpoint={teacher}",
+            f"distill.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=command_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         while not list((tmp_path / "cache").glob("*.bin")) and proc.poll() is None:
             time.sleep(0.05)
